@@ -1,0 +1,324 @@
+"""Suite configuration: YAML files under ``benchmarks/configs/`` resolved into validated dataclasses.
+
+Every field is typed and documented; required fields have no default. Unknown keys, wrong types and
+out-of-range values raise one :class:`ConfigError` that names the dotted key and says how to fix it.
+The fully resolved config is written beside every result (``resolved_config.yaml``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown, of the wrong type or out of range."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}': {msg}")
+
+
+# --------------------------------------------------------------------------------------------- sections
+@dataclass
+class CorpusConfig:
+    sources: list[str]
+    """Text sources, in order: 'fortunes', 'wordnet' (Debian packages), a local *.txt / *.jsonl / *.json file
+    or folder, or 'hf:<dataset name>[:<split>[:<column>]]' for a hub dataset (needs network)."""
+    task_sources: list[str]
+    """Sources that make the *task* text (SFT data, prompts); usually a subset of `sources`."""
+    heldout_fraction: float = 0.05
+    """Share of task documents held out (by document, stable hash) for evaluation prompts."""
+    min_chars: int = 20
+    """Documents shorter than this (after whitespace cleaning) are dropped."""
+    max_chars: int = 400
+    """Documents longer than this are dropped."""
+    max_docs_per_source: int = 0
+    """Cap on documents read per source (0 = no cap); the cap keeps the first documents in file order."""
+
+    def validate(self, key: str) -> None:
+        _check(len(self.sources) > 0, f"{key}.sources", "give at least one text source, e.g. [fortunes, wordnet]")
+        _check(len(self.task_sources) > 0, f"{key}.task_sources", "give at least one source, e.g. [fortunes]")
+        _check(0.0 < self.heldout_fraction < 0.5, f"{key}.heldout_fraction", f"must be in (0, 0.5), got {self.heldout_fraction}")
+        _check(self.min_chars >= 1, f"{key}.min_chars", f"must be >= 1, got {self.min_chars}")
+        _check(self.max_chars > self.min_chars, f"{key}.max_chars", f"must be > min_chars ({self.min_chars}), got {self.max_chars}")
+        _check(self.max_docs_per_source >= 0, f"{key}.max_docs_per_source", "must be >= 0 (0 = no cap)")
+
+
+@dataclass
+class TaskConfig:
+    name: Literal["sentiment"]
+    """The task. 'sentiment': the DPO paper's controlled-sentiment generation, gold reward = VADER compound."""
+    corpus: CorpusConfig
+    target: Literal["positive", "negative"] = "positive"
+    """Which sentiment the gold reward favours ('negative' flips the sign of the VADER score)."""
+    prompt_min_tokens: int = 2
+    """Prompts are prefixes of held-out/train documents of between min and max tokens (the paper: 2-8)."""
+    prompt_max_tokens: int = 8
+    n_train_prompts: int = 1024
+    """Prompts (from training documents) sampled to build preference pairs and to run PPO rollouts."""
+    n_eval_prompts: int = 256
+    """Prompts from held-out documents used for every evaluation."""
+
+    def validate(self, key: str) -> None:
+        _check(1 <= self.prompt_min_tokens <= self.prompt_max_tokens, f"{key}.prompt_min_tokens",
+               f"need 1 <= prompt_min_tokens <= prompt_max_tokens, got {self.prompt_min_tokens}, {self.prompt_max_tokens}")
+        _check(self.n_train_prompts >= 1, f"{key}.n_train_prompts", "must be >= 1")
+        _check(self.n_eval_prompts >= 1, f"{key}.n_eval_prompts", "must be >= 1")
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 4096
+    """Byte-level BPE vocabulary trained locally with `tokenizers` (ignored when the base is a hub model)."""
+
+    def validate(self, key: str) -> None:
+        _check(300 <= self.vocab_size <= 65536, f"{key}.vocab_size", f"must be in [300, 65536], got {self.vocab_size}")
+
+
+@dataclass
+class TrainLoopConfig:
+    steps: int
+    """Optimiser steps."""
+    batch_size: int
+    """Sequences per step."""
+    lr: float
+    """Peak learning rate (AdamW), linear warm-up then cosine decay to 10 %."""
+    seq_len: int = 128
+    """Tokens per training sequence (documents are packed)."""
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+
+    def validate(self, key: str) -> None:
+        _check(self.steps >= 1, f"{key}.steps", f"must be >= 1, got {self.steps}")
+        _check(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(math.isfinite(self.lr) and self.lr > 0, f"{key}.lr", f"must be > 0, got {self.lr}")
+        _check(8 <= self.seq_len <= 4096, f"{key}.seq_len", f"must be in [8, 4096], got {self.seq_len}")
+        _check(self.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0")
+        _check(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
+        _check(self.grad_clip > 0, f"{key}.grad_clip", "must be > 0")
+
+
+@dataclass
+class BaseConfig:
+    model: str
+    """'tiny' = a Llama-style LM built and pretrained by the project on the corpus; or any
+    AutoModelForCausalLM hub name or local `save_pretrained` folder (then its own tokenizer is used)."""
+    train: TrainLoopConfig
+    """Pretraining loop for the 'tiny' model (ignored for a named model)."""
+    n_layers: int = 2
+    hidden_size: int = 128
+    n_heads: int = 4
+    intermediate_size: int = 512
+    max_position_embeddings: int = 256
+
+    def validate(self, key: str) -> None:
+        _check(bool(self.model.strip()), f"{key}.model", "give 'tiny' or a model name / local path")
+        _check(self.n_layers >= 1, f"{key}.n_layers", "must be >= 1")
+        _check(self.hidden_size >= 8 and self.hidden_size % self.n_heads == 0, f"{key}.hidden_size",
+               f"must be >= 8 and divisible by n_heads ({self.n_heads}), got {self.hidden_size}")
+        _check(self.n_heads >= 1, f"{key}.n_heads", "must be >= 1")
+        _check(self.intermediate_size >= 8, f"{key}.intermediate_size", "must be >= 8")
+        _check(self.max_position_embeddings >= self.train.seq_len, f"{key}.max_position_embeddings",
+               f"must be >= base.train.seq_len ({self.train.seq_len})")
+
+
+@dataclass
+class PrefsConfig:
+    source: str = "generate"
+    """'generate': sample from pi_ref and label with the gold reward; or a preference dataset in the standard
+    prompt/chosen/rejected format (local .json/.jsonl/.parquet file, a `save_to_disk` folder, or 'hf:<name>')."""
+    samples_per_prompt: int = 4
+    """K completions sampled per train prompt at `temperature` (the paper: 4)."""
+    pairs_per_prompt: int = 0
+    """Pairs kept per prompt out of the K*(K-1)/2 possible (0 = all, the paper's 6 for K = 4)."""
+    labelling: Literal["bradley_terry", "argmax"] = "bradley_terry"
+    """'argmax': the higher gold score is chosen. 'bradley_terry': chosen drawn with
+    P(i > j) = sigmoid((r_i - r_j) / bt_temperature), a noisy human-like labeller."""
+    bt_temperature: float = 0.1
+    min_gap: float = 0.05
+    """Pairs with |r_i - r_j| < min_gap are near-ties and dropped."""
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+
+    def validate(self, key: str) -> None:
+        _check(bool(self.source.strip()), f"{key}.source", "give 'generate' or a dataset path / 'hf:<name>'")
+        _check(self.samples_per_prompt >= 2, f"{key}.samples_per_prompt", f"must be >= 2 to form a pair, got {self.samples_per_prompt}")
+        _check(self.pairs_per_prompt >= 0, f"{key}.pairs_per_prompt", "must be >= 0 (0 = all pairs)")
+        _check(self.bt_temperature > 0, f"{key}.bt_temperature", "must be > 0")
+        _check(self.min_gap >= 0, f"{key}.min_gap", "must be >= 0")
+        _check(1 <= self.max_new_tokens <= 1024, f"{key}.max_new_tokens", "must be in [1, 1024]")
+        _check(self.temperature > 0, f"{key}.temperature", "must be > 0 (pairs are sampled)")
+
+
+@dataclass
+class SuiteConfig:
+    name: str
+    """Suite name (the YAML file's stem)."""
+    seed: int
+    """Global seed: data split order, model init, sampling, training. Same seed, same numbers."""
+    task: TaskConfig
+    tokenizer: TokenizerConfig
+    base: BaseConfig
+    sft: TrainLoopConfig
+    """Fine-tuning of the base on the task's text; the result is pi_ref."""
+    prefs: PrefsConfig
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """'auto' picks cuda > mps > cpu."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Autocast dtype for training/sampling where the device supports it; weights stay fp32."""
+    threads: int = 0
+    """torch intra-op threads (0 = torch's default)."""
+    cache_dir: str = "results/cache"
+    """Where stage artefacts live, keyed by a hash of their resolved config and inputs."""
+    runs_dir: str = "results/runs"
+    """Where each suite run writes its resolved config and summary."""
+
+    def validate(self, key: str = "") -> None:
+        _check(bool(self.name.strip()), "name", "give the suite a name")
+        _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        _check(self.threads >= 0, "threads", "must be >= 0 (0 = default)")
+        for sub in self.task.corpus.task_sources:
+            _check(sub in self.task.corpus.sources, "task.corpus.task_sources",
+                   f"'{sub}' is not in task.corpus.sources {self.task.corpus.sources}")
+
+
+# --------------------------------------------------------------------------------------------- building
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping of {tp.__name__} fields, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}': must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}': expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}': expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}': expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {_type_name(tp)} at {key}")  # programming error
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        k = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"config key '{k}': unknown key; valid keys here are {sorted(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"config key '{key}': required but missing; add it to the suite YAML")
+            continue
+        kwargs[name] = _coerce(data[name], hints[name], key)
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate(prefix)
+    return obj
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """'a.b.c=value' -> {'a': {'b': {'c': value}}}; value parsed as YAML ('3' -> 3, '[a, b]' -> list)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected KEY=VALUE, e.g. sft.steps=50")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    out: dict = {}
+    cur = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def available_suites() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_suite(name_or_path: str, overrides: list[str] | None = None) -> SuiteConfig:
+    """Load a suite by name (``benchmarks/configs/<name>.yaml``) or path, apply ``key=value`` overrides."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        raise ConfigError(f"unknown suite '{name_or_path}': no file {path}; available suites: {available_suites()}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"suite file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"suite file {path}: top level must be a mapping of config keys")
+    data.setdefault("name", path.stem)
+    for o in overrides or []:
+        data = _deep_merge(data, parse_override(o))
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict) -> SuiteConfig:
+    return _build(SuiteConfig, data)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+__all__ = [
+    "BaseConfig", "ConfigError", "CorpusConfig", "PrefsConfig", "SuiteConfig", "TaskConfig",
+    "TokenizerConfig", "TrainLoopConfig", "available_suites", "config_from_dict", "field",
+    "load_suite", "parse_override", "to_dict", "to_yaml",
+]

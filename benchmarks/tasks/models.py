@@ -1,0 +1,97 @@
+"""Tokenizer and base-model construction/loading.
+
+'tiny': a byte-level BPE tokenizer trained locally with `tokenizers` and a Llama-style causal LM built from a
+config, both saved with ``save_pretrained``. Anything else is an ``AutoModelForCausalLM`` hub name or local
+folder, loaded with its own tokenizer (network needed only for hub names).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+class ModelLoadError(RuntimeError):
+    """A model path/name does not exist, is not a causal LM, or its tokenizer is unusable."""
+
+
+BOS, EOS, PAD = "<|bos|>", "<|endoftext|>", "<|pad|>"
+
+
+def train_tokenizer(docs: list[str], vocab_size: int):
+    """Byte-level BPE trained on ``docs``; BOS added by the post-processor (so ``tok(text)`` starts with BOS,
+    as TRL's tokenisation expects), EOS and PAD as separate special tokens."""
+    from tokenizers import ByteLevelBPETokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer(add_prefix_space=False)
+    bpe.train_from_iterator(docs, vocab_size=vocab_size, min_frequency=2, special_tokens=[PAD, BOS, EOS],
+                            show_progress=False)
+    bos_id = bpe.token_to_id(BOS)
+    bpe.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos_id)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                  padding_side="right", model_max_length=1024)
+    return tok
+
+
+def build_tiny_llama(tokenizer, *, n_layers: int, hidden_size: int, n_heads: int, intermediate_size: int,
+                     max_position_embeddings: int, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def load_causal_lm(name_or_path: str | Path, *, dtype=torch.float32, local_only: bool = False):
+    """Load a causal LM + tokenizer by hub name or local folder, with clear errors.
+
+    The tokenizer must have an EOS token; a missing pad token falls back to EOS (the usual convention).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src = str(name_or_path)
+    p = Path(src).expanduser()
+    looks_local = p.is_absolute() or src.startswith((".", "~")) or p.exists()
+    if looks_local and not p.exists():
+        raise ModelLoadError(f"model path '{src}' does not exist; give an existing save_pretrained folder or a hub name")
+    if looks_local and not (p / "config.json").exists():
+        raise ModelLoadError(f"model path '{src}' has no config.json: it is not a save_pretrained model folder")
+    try:
+        config = AutoConfig.from_pretrained(src, local_files_only=local_only)
+    except OSError as e:
+        raise ModelLoadError(f"cannot load model '{src}': {e}. Offline? Use a local folder or base.model: tiny") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, local_files_only=local_only)
+    except ValueError as e:
+        raise ModelLoadError(f"model '{src}' ({type(config).__name__}) is not a causal LM: {e}") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(src, local_files_only=local_only)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"model '{src}' has no usable tokenizer: {e}") from None
+    check_tokenizer(tok, src)
+    return model, tok
+
+
+def check_tokenizer(tok, src: str = "tokenizer") -> None:
+    if tok.eos_token_id is None:
+        raise ModelLoadError(f"{src}: tokenizer has no eos_token; set tokenizer.eos_token (completions must end)")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token

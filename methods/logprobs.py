@@ -1,0 +1,58 @@
+"""Logits -> masked per-sequence log-probs: the ONE path every method (SFT, DPO, reward model, PPO, eval)
+uses, so a bug here cannot become a fake difference between methods.
+
+Convention (as in the DPO reference repo's ``_get_batch_logps``): ``labels`` is ``input_ids`` with every
+position that must not be scored (prompt, padding) set to ``IGNORE_INDEX``; logits at position t predict
+the token at t + 1 (the one-token shift).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of the labels under the logits, after the one-token shift.
+
+    logits: [B, T, V] (any float dtype; computed in fp32), labels: [B, T] with IGNORE_INDEX where unscored.
+    Returns (logps [B, T-1], mask [B, T-1] float), logps zero where masked.
+    """
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on [B, T]")
+    logits = logits[:, :-1, :].float()  # [B, T-1, V]: position t predicts token t+1
+    labels = labels[:, 1:]  # [B, T-1]
+    mask = labels != IGNORE_INDEX
+    safe = torch.where(mask, labels, torch.zeros_like(labels))
+    # log_softmax + gather == -cross_entropy; cross_entropy avoids materialising the [B, T, V] log-softmax
+    logps = -F.cross_entropy(logits.transpose(1, 2), safe, reduction="none")  # [B, T-1]
+    return logps * mask, mask.to(logps.dtype)
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, *, average: bool = False) -> torch.Tensor:
+    """Sum (or mean over scored tokens, for IPO/SimPO) of the label log-probs per sequence: [B]."""
+    logps, mask = token_logps(logits, labels)
+    total = logps.sum(-1)
+    if average:
+        return total / mask.sum(-1).clamp_min(1.0)
+    return total
+
+
+def build_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lens: torch.Tensor) -> torch.Tensor:
+    """Labels for right-padded prompt+completion rows: prompt tokens and padding -> IGNORE_INDEX.
+
+    input_ids/attention_mask: [B, T]; prompt_lens: [B] number of prompt tokens at the start of each row.
+    """
+    pos = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]  # [1, T]
+    keep = (pos >= prompt_lens[:, None]) & attention_mask.bool()
+    return torch.where(keep, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+
+
+def model_token_logps(model, input_ids, attention_mask, labels, *, position_ids=None, return_logits=False):
+    """Forward the model once and return per-token log-probs [B, T-1] and mask (and logits if asked)."""
+    kw = {"position_ids": position_ids} if position_ids is not None else {}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw).logits
+    lp, mask = token_logps(logits, labels)
+    return (lp, mask, logits) if return_logits else (lp, mask)

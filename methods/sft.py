@@ -1,0 +1,110 @@
+"""Maximum-likelihood training of a causal LM: pretraining of the tiny base, SFT (-> pi_ref), and the
+Preferred-FT baseline. The loss goes through the shared log-prob path (``methods.logprobs``)."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from methods.logprobs import IGNORE_INDEX, token_logps
+
+
+def pack_documents(docs_ids: list[list[int]], seq_len: int, *, bos_id: int | None, eos_id: int) -> torch.Tensor:
+    """Concatenate BOS + doc + EOS for every document and cut the stream into [N, seq_len] windows."""
+    stream: list[int] = []
+    for ids in docs_ids:
+        if bos_id is not None:
+            stream.append(bos_id)
+        stream.extend(ids)
+        stream.append(eos_id)
+    n = len(stream) // seq_len
+    if n == 0:
+        raise ValueError(f"corpus has {len(stream)} tokens, fewer than one sequence of {seq_len}")
+    return torch.tensor(stream[: n * seq_len]).view(n, seq_len)
+
+
+def packed_batches(windows: torch.Tensor, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Endless shuffled batches (input_ids, attention_mask, labels) of packed windows, epoch by epoch."""
+    rng = random.Random(seed)
+    epoch = 0
+    while True:
+        order = list(range(windows.shape[0]))
+        rng.shuffle(order)
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            x = windows[order[i : i + batch_size]]
+            yield x, torch.ones_like(x), x
+        epoch += 1
+
+
+def lr_lambda(warmup: int, total: int, floor: float = 0.1):
+    """Linear warm-up, then cosine decay to ``floor`` x peak."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, total - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return f
+
+
+def lm_loss(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, int]:
+    """Mean next-token NLL over scored tokens (labels != IGNORE_INDEX), via the shared log-prob path."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    lp, mask = token_logps(logits, labels)
+    n = mask.sum()
+    return -(lp.sum() / n.clamp_min(1)), int(n)
+
+
+def train_lm(model, batches: Iterator, *, steps: int, lr: float, warmup_steps: int, weight_decay: float,
+             grad_clip: float, device: str, autocast, desc: str, log_every: int = 10) -> list[dict]:
+    """AdamW loop; returns the training curve (step, loss, lr, tokens seen, tokens/s, grad norm)."""
+    model.to(device).train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup_steps, steps))
+    history, tokens, t0 = [], 0, time.perf_counter()
+    bar = tqdm(range(steps), desc=desc, leave=False, mininterval=2.0, disable=None)  # off when not a TTY
+    for step in bar:
+        input_ids, attn, labels = (t.to(device) for t in next(batches))
+        with autocast:
+            loss, n = lm_loss(model, input_ids, attn, labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss in phase '{desc}' at step {step}; lower the learning rate")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        sched.step()
+        tokens += n
+        if step % log_every == 0 or step == steps - 1:
+            tps = tokens / (time.perf_counter() - t0)
+            history.append({"step": step + 1, "loss": loss.item(), "lr": sched.get_last_lr()[0],
+                            "tokens_seen": tokens, "tokens_per_s": tps, "grad_norm": float(gnorm)})
+            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tps:,.0f}")
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def eval_loss(model, windows: torch.Tensor, *, batch_size: int, device: str, autocast) -> float:
+    """Mean token NLL of ``windows`` ([N, T] packed, all tokens scored)."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, windows.shape[0], batch_size):
+        x = windows[i : i + batch_size].to(device)
+        with autocast:
+            loss, n = lm_loss(model, x, torch.ones_like(x), x)
+        total += loss.item() * n
+        count += n
+    return total / max(count, 1)
+
+
+__all__ = ["IGNORE_INDEX", "eval_loss", "lm_loss", "lr_lambda", "pack_documents", "packed_batches", "train_lm"]

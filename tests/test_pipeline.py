@@ -1,0 +1,56 @@
+"""End to end on a tiny configuration: base -> SFT -> prompts -> pairs, offline, then a cached re-run."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.tasks import corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "task.corpus.max_docs_per_source=3000", "task.n_train_prompts=64", "task.n_eval_prompts=32",
+    "tokenizer.vocab_size=512", "base.hidden_size=32", "base.intermediate_size=64", "base.train.steps=30",
+    "base.train.batch_size=8", "sft.steps=10", "sft.batch_size=8", "prefs.max_new_tokens=8",
+]
+
+
+def _run(tmp_path, *extra):
+    args = [sys.executable, "-m", "benchmarks", "run", "--suite", "smoke",
+            "--set", f"cache_dir={tmp_path}/cache", "--set", f"runs_dir={tmp_path}/runs"]
+    for o in TINY + list(extra):
+        args += ["--set", o]
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"})
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not corpus.FORTUNES_DIR.is_dir(), reason="Debian package fortunes not installed")
+def test_foundation_runs_offline_and_reuses_cache(tmp_path):
+    import datasets
+
+    first = _run(tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.count("done in") == 5
+    idx = json.loads((tmp_path / "runs" / "smoke" / "stages.json").read_text())
+    pairs = datasets.load_from_disk(idx["stages"]["prefs"]["path"] + "/pairs")
+    assert {"prompt", "chosen", "rejected", "score_chosen", "score_rejected", "ref_chosen_logps",
+            "ref_rejected_logps"} <= set(pairs.column_names)
+    assert len(pairs) > 10
+    assert all(abs(a - b) >= 0.05 for a, b in zip(pairs["score_chosen"], pairs["score_rejected"], strict=True))
+    assert all(lp < 0 for lp in pairs["ref_chosen_logps"])
+    assert idx["stages"]["sft"]["summary"]["heldout_loss_after"] < idx["stages"]["sft"]["summary"]["heldout_loss_before"]
+
+    again = _run(tmp_path)
+    assert again.returncode == 0 and again.stdout.count("cached") == 5 and "done in" not in again.stdout
+
+    changed = _run(tmp_path, "prefs.min_gap=0.2")  # only the prefs stage re-runs
+    assert changed.stdout.count("cached") == 4 and "[   prefs] done" in changed.stdout
+
+
+def test_bad_config_exits_nonzero_with_one_clear_line(tmp_path):
+    r = _run(tmp_path, "sft.steps=-3")
+    assert r.returncode == 2
+    assert "config key 'sft.steps'" in r.stderr and "Traceback" not in r.stderr
