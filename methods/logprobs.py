@@ -22,13 +22,22 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     """
     if logits.shape[:2] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on [B, T]")
-    logits = logits[:, :-1, :].float()  # [B, T-1, V]: position t predicts token t+1
+    logits = logits[:, :-1, :]  # [B, T-1, V]: position t predicts token t+1
     labels = labels[:, 1:]  # [B, T-1]
     mask = labels != IGNORE_INDEX
     safe = torch.where(mask, labels, torch.zeros_like(labels))
-    # log_softmax + gather == -cross_entropy; cross_entropy avoids materialising the [B, T, V] log-softmax
-    logps = -F.cross_entropy(logits.transpose(1, 2), safe, reduction="none")  # [B, T-1]
+    logps = logps_at(logits.reshape(-1, logits.shape[-1]), safe.reshape(-1)).view(labels.shape)  # [B, T-1]
     return logps * mask, mask.to(logps.dtype)
+
+
+def logps_at(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] for rows of logits [N, V] and targets [N], computed in fp32.
+
+    The core every log-prob in the project goes through (padded batches via :func:`token_logps`, packed
+    prompt-sharing batches by gathering the predicting positions first).
+    """
+    # log_softmax + gather == -cross_entropy; cross_entropy avoids materialising the [N, V] log-softmax
+    return -F.cross_entropy(logits.float(), targets, reduction="none")
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, *, average: bool = False) -> torch.Tensor:

@@ -1,0 +1,276 @@
+"""Our DPO trainer: a small loop around the pure losses of ``methods.dpo.losses``.
+
+* starts from pi_ref; reference log-probs are computed once (no_grad) and cached on disk, keyed by
+  (reference model, pairs, truncation), so sweeps over beta / seeds / loss types reuse them;
+* chosen and rejected go through one forward (padded concatenation, or the packed prompt-sharing layout);
+* gradient accumulation is exactly a big batch (per-micro-batch losses summed / pairs per step);
+* warm-up + schedule (transformers' schedulers), RMSprop (the paper) or AdamW, grad clipping, bf16/fp16
+  autocast where the device supports it; works under ``accelerate launch`` (the Accelerator wraps it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from methods.data import tokenize_prompt_completions, truncate
+from methods.dpo.batching import PairExample, batch_to, make_batch, pair_logps
+from methods.dpo.losses import preference_loss, simpo_loss, uses_average_logps, validate_dpo_hparams
+
+
+@dataclass
+class DPOConfig:
+    beta: float
+    """KL-penalty strength (the paper: 0.1 for sentiment). Required: no default."""
+    loss_type: str = "sigmoid"
+    """sigmoid (DPO) | ipo | hinge (SLiC) | robust (rDPO) | simpo (reference-free)."""
+    label_smoothing: float = 0.0
+    """cDPO / rDPO label-noise epsilon in [0, 0.5)."""
+    simpo_gamma: float = 0.5
+    """SimPO target margin (only for loss_type simpo)."""
+    lr: float = 1e-4
+    optimizer: str = "adamw"
+    """adamw | rmsprop (the DPO paper's choice)."""
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    """Pairs per optimiser step (= micro_batch_size x gradient accumulation)."""
+    micro_batch_size: int = 0
+    """Pairs per forward; 0 = batch_size (no accumulation)."""
+    epochs: float = 1.0
+    max_steps: int = 0
+    """If > 0, overrides epochs."""
+    warmup_steps: int = 0
+    scheduler: str = "constant_with_warmup"
+    """Any transformers scheduler name: constant_with_warmup (the paper), linear, cosine, ..."""
+    grad_clip: float = 1.0
+    max_length: int = 512
+    truncation_mode: str = "keep_start"
+    layout: str = "packed"
+    """packed (padding-free, prompt computed once) | padded (TRL's layout)."""
+    pack_len: int = 1024
+    shuffle: bool = True
+    """False = sequential batches (for parity with TRL's sequential sampler)."""
+    seed: int = 0
+    log_every: int = 1
+
+    def validate(self) -> None:
+        if self.loss_type == "simpo":
+            if not (self.beta > 0 and math.isfinite(self.beta)):
+                raise ValueError(f"dpo.beta must be > 0, got {self.beta}")
+            if self.simpo_gamma < 0:
+                raise ValueError(f"dpo.simpo_gamma must be >= 0, got {self.simpo_gamma}")
+        else:
+            try:
+                validate_dpo_hparams(beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing)
+            except ValueError as e:
+                raise ValueError(f"dpo: {e}") from None
+        checks = [
+            (self.lr > 0 and math.isfinite(self.lr), "lr", "must be > 0"),
+            (self.optimizer in ("adamw", "rmsprop"), "optimizer", "must be 'adamw' or 'rmsprop'"),
+            (self.batch_size >= 1, "batch_size", "must be >= 1"),
+            (self.micro_batch_size >= 0, "micro_batch_size", "must be >= 0 (0 = batch_size)"),
+            (self.micro_batch_size == 0 or self.batch_size % self.micro_batch_size == 0, "micro_batch_size",
+             f"must divide batch_size ({self.batch_size})"),
+            (self.epochs > 0 or self.max_steps > 0, "epochs", "give epochs > 0 or max_steps > 0"),
+            (self.max_steps >= 0, "max_steps", "must be >= 0"),
+            (self.warmup_steps >= 0, "warmup_steps", "must be >= 0"),
+            (self.grad_clip > 0, "grad_clip", "must be > 0"),
+            (self.max_length >= 2, "max_length", "must be >= 2"),
+            (self.truncation_mode in ("keep_start", "keep_end"), "truncation_mode", "must be keep_start or keep_end"),
+            (self.layout in ("packed", "padded"), "layout", "must be 'packed' or 'padded'"),
+            (self.pack_len >= self.max_length * 2, "pack_len", f"must be >= 2 x max_length ({2 * self.max_length})"),
+        ]
+        for ok, key, msg in checks:
+            if not ok:
+                raise ValueError(f"dpo.{key} {msg}, got {getattr(self, key)!r}")
+
+    @property
+    def micro(self) -> int:
+        return self.micro_batch_size or self.batch_size
+
+    @property
+    def average(self) -> bool:
+        return uses_average_logps(self.loss_type)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def tokenize_pairs(tokenizer, rows, *, max_length: int, truncation_mode: str) -> tuple[list[PairExample], int]:
+    """TRL-style tokenisation of prompt/chosen/rejected rows, truncated as configured; returns the number cut."""
+    out, n_cut = [], 0
+    for r in rows:
+        p, (c, j) = tokenize_prompt_completions(tokenizer, r["prompt"], [r["chosen"], r["rejected"]])
+        p1, c, cut1 = truncate(p, c, max_length, truncation_mode)
+        p2, j, cut2 = truncate(p, j, max_length, truncation_mode)
+        if p1 != p2:  # keep_end cut the prompt differently for the two: use the shorter common prompt
+            keep = min(len(p1), len(p2))
+            p1 = p1[len(p1) - keep :]
+            c, j = c[-(max_length - keep) :], j[-(max_length - keep) :]
+        if not c or not j:
+            raise ValueError(f"pair with prompt {r['prompt'][:60]!r}: the prompt fills max_length={max_length}; raise max_length")
+        n_cut += cut1 or cut2
+        out.append(PairExample(p1, c, j))
+    if not out:
+        raise ValueError("empty preference dataset: no pairs to train on")
+    return out, n_cut
+
+
+@torch.no_grad()
+def compute_reference_logps(ref_model, examples: list[PairExample], *, pad_id: int, batch_size: int = 64,
+                            autocast=None, layout: str = "packed") -> dict[str, torch.Tensor]:
+    """Reference log-probs (sum and mean) of every pair, computed once: {'chosen', 'rejected', *_mean} [N]."""
+    ref_model.eval()
+    device = next(ref_model.parameters()).device
+    ctx = autocast if autocast is not None else contextlib.nullcontext()
+    parts: list[tuple[torch.Tensor, ...]] = []
+    for i in range(0, len(examples), batch_size):
+        b = batch_to(make_batch(examples[i : i + batch_size], pad_id, layout), device)
+        with ctx:
+            parts.append(tuple(t.float().cpu() for t in pair_logps(ref_model, b)))
+    cs, rs, cm, rm = (torch.cat([p[k] for p in parts]) for k in range(4))
+    return {"chosen": cs, "rejected": rs, "chosen_mean": cm, "rejected_mean": rm}
+
+
+def cached_reference_logps(cache_file: Path | None, compute: Callable[[], dict]) -> tuple[dict, bool]:
+    """Load reference log-probs from ``cache_file`` if present, else compute and write them atomically."""
+    if cache_file is not None and cache_file.exists():
+        return torch.load(cache_file), True
+    ref = compute()
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".tmp{random.getrandbits(32)}")
+        torch.save(ref, tmp)
+        tmp.replace(cache_file)
+    return ref, False
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+def _optimizer(model, cfg: DPOConfig):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def dpo_step_loss(model, batch, ref: dict[str, torch.Tensor], idx: torch.Tensor, cfg: DPOConfig):
+    """Per-pair losses and metrics for one micro-batch (policy forward + pure loss)."""
+    pc, pr, pcm, prm = pair_logps(model, batch)
+    avg = cfg.average
+    pol_c, pol_r = (pcm, prm) if avg else (pc, pr)
+    if cfg.loss_type == "simpo":
+        losses, rc, rr = simpo_loss(pcm, prm, beta=cfg.beta, gamma=cfg.simpo_gamma)
+    else:
+        key_c, key_r = ("chosen_mean", "rejected_mean") if avg else ("chosen", "rejected")
+        ref_c, ref_r = ref[key_c][idx].to(pc.device), ref[key_r][idx].to(pc.device)
+        losses, rc, rr = preference_loss(pol_c, pol_r, ref_c, ref_r, beta=cfg.beta, loss_type=cfg.loss_type,
+                                         label_smoothing=cfg.label_smoothing)
+    return losses, rc, rr, pc.detach(), pr.detach()
+
+
+class DPOTrainer:
+    def __init__(self, model, examples: list[PairExample], ref_logps: dict[str, torch.Tensor] | None, cfg: DPOConfig,
+                 *, pad_id: int, autocast=None, accelerator=None):
+        cfg.validate()
+        if cfg.loss_type != "simpo" and ref_logps is None:
+            raise ValueError("reference log-probs are required for every loss but simpo")
+        if ref_logps is not None and len(ref_logps["chosen"]) != len(examples):
+            raise ValueError(f"{len(ref_logps['chosen'])} reference log-probs for {len(examples)} pairs")
+        self.model, self.examples, self.ref, self.cfg = model, examples, ref_logps, cfg
+        self.pad_id = pad_id
+        self.autocast = autocast if autocast is not None else contextlib.nullcontext()
+        self.accelerator = accelerator
+        steps_per_epoch = max(1, len(examples) // cfg.batch_size)
+        self.total_steps = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
+        from transformers import get_scheduler
+
+        self.opt = _optimizer(model, cfg)
+        self.sched = get_scheduler(cfg.scheduler, self.opt, num_warmup_steps=cfg.warmup_steps,
+                                   num_training_steps=self.total_steps)
+        if accelerator is not None:
+            self.model, self.opt, self.sched = accelerator.prepare(self.model, self.opt, self.sched)
+        self.device = next(model.parameters()).device
+        self.history: list[dict] = []
+        self.step = 0
+
+    def _order(self) -> list[int]:
+        order, epoch = [], 0
+        need = self.total_steps * self.cfg.batch_size
+        while len(order) < need:
+            idx = list(range(len(self.examples)))
+            if self.cfg.shuffle:
+                random.Random(self.cfg.seed * 1000 + epoch).shuffle(idx)
+            order += idx[: len(idx) - len(idx) % self.cfg.batch_size] or idx
+            epoch += 1
+        return order[:need]
+
+    def train(self, on_log: Callable[[dict], None] | None = None, stop: Callable[[], bool] | None = None) -> list[dict]:
+        cfg, model = self.cfg, self.model
+        model.train()
+        order = self._order()
+        seen = tokens = 0
+        t0 = time.perf_counter()
+        while self.step < self.total_steps:
+            step_idx = order[self.step * cfg.batch_size : (self.step + 1) * cfg.batch_size]
+            self.opt.zero_grad(set_to_none=True)
+            agg = {"loss": 0.0, "rc": [], "rr": [], "pc": [], "pr": []}
+            for m0 in range(0, len(step_idx), cfg.micro):
+                idx = torch.tensor(step_idx[m0 : m0 + cfg.micro])
+                exs = [self.examples[i] for i in idx.tolist()]
+                batch = batch_to(make_batch(exs, self.pad_id, cfg.layout, cfg.pack_len), self.device)
+                with self.autocast:
+                    losses, rc, rr, pc, pr = dpo_step_loss(model, batch, self.ref, idx, cfg)
+                loss = losses.sum() / len(step_idx)  # accumulation == one big batch
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite DPO loss at step {self.step + 1}; lower dpo.lr or check the pairs")
+                (self.accelerator.backward(loss) if self.accelerator else loss.backward())
+                agg["loss"] += loss.item()
+                for k, v in (("rc", rc), ("rr", rr), ("pc", pc), ("pr", pr)):
+                    agg[k].append(v.float().cpu())
+                tokens += sum(e.n_tokens_packed for e in exs)
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            self.opt.step()
+            self.sched.step()
+            self.step += 1
+            seen += len(step_idx)
+            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                rc, rr = torch.cat(agg["rc"]), torch.cat(agg["rr"])
+                el = time.perf_counter() - t0
+                rec = {"step": self.step, "loss": agg["loss"], "rewards/chosen": rc.mean().item(),
+                       "rewards/rejected": rr.mean().item(), "rewards/margins": (rc - rr).mean().item(),
+                       "rewards/accuracies": (rc > rr).float().mean().item(),
+                       "logps/chosen": torch.cat(agg["pc"]).mean().item(),
+                       "logps/rejected": torch.cat(agg["pr"]).mean().item(), "grad_norm": float(gnorm),
+                       "lr": self.sched.get_last_lr()[0], "examples_seen": seen, "tokens_seen": tokens,
+                       "tokens_per_s": tokens / max(el, 1e-9), "wall_s": el}
+                self.history.append(rec)
+                if on_log:
+                    on_log(rec)
+            if stop is not None and stop():
+                break
+        model.eval()
+        return self.history
+
+    @torch.no_grad()
+    def evaluate(self, examples: list[PairExample], ref_logps: dict[str, torch.Tensor] | None, batch_size: int = 64) -> dict:
+        """Held-out preference accuracy and margins of the implicit reward."""
+        self.model.eval()
+        rcs, rrs, losses = [], [], []
+        for i in range(0, len(examples), batch_size):
+            idx = torch.arange(i, min(i + batch_size, len(examples)))
+            b = batch_to(make_batch(examples[i : i + batch_size], self.pad_id, self.cfg.layout, self.cfg.pack_len), self.device)
+            with self.autocast:
+                lo, rc, rr, _, _ = dpo_step_loss(self.model, b, ref_logps, idx, self.cfg)
+            rcs.append(rc.float().cpu()), rrs.append(rr.float().cpu()), losses.append(lo.float().cpu())
+        rc, rr = torch.cat(rcs), torch.cat(rrs)
+        return {"eval/loss": torch.cat(losses).mean().item(), "eval/rewards/accuracies": (rc > rr).float().mean().item(),
+                "eval/rewards/margins": (rc - rr).mean().item()}
+
+
+def config_dict(cfg: DPOConfig) -> dict:
+    return asdict(cfg)
