@@ -36,10 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _stage_registry():
-    from benchmarks.stages import FOUNDATION, STAGES
+def _stage_registry(cfg):
+    from benchmarks.arms import build_stages
 
-    return STAGES, FOUNDATION
+    return build_stages(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from benchmarks.harness import Harness
 
-        stages, default_targets = _stage_registry()
+        stages, default_targets = _stage_registry(cfg)
         h = Harness(cfg, stages)
         if args.cmd == "stages":
             for name in stages:
@@ -65,7 +65,14 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise ConfigError(f"unknown stage(s) {unknown}; stages are {list(stages)}")
         print(f"prefbench: suite '{cfg.name}' on {h.device} ({cfg.dtype}), seed {cfg.seed}")
-        h.run(targets)
+        results = h.run(targets)
+        from benchmarks.arms import summarise
+
+        rows = summarise(results)
+        if rows:
+            print(f"\n{'arm':<28} {'T':>4} {'gold':>8} {'KL':>8} {'length':>7}")
+            for r in rows:
+                print(f"{r['arm']:<28} {r['T']:>4} {r['gold_mean']:>8.3f} {r['seq_kl_mean']:>8.2f} {r['length_mean']:>7.1f}")
         run_dir = h.root / cfg.runs_dir / cfg.name
         print(f"prefbench: done. Run folder: {run_dir} (resolved_config.yaml, stages.json)")
         return 0

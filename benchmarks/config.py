@@ -163,6 +163,64 @@ class PrefsConfig:
 
 
 @dataclass
+class DPOSection:
+    betas: list[float]
+    """The beta grid for the main DPO arm (one trained policy per beta and seed)."""
+    loss_type: str = "sigmoid"
+    """sigmoid (DPO) | ipo | hinge | robust | simpo."""
+    variants: list[str] = field(default_factory=list)
+    """Extra loss types run at the first beta (e.g. [ipo, hinge, robust, simpo])."""
+    label_smoothing: float = 0.0
+    lr: float = 1e-4
+    optimizer: Literal["adamw", "rmsprop"] = "adamw"
+    batch_size: int = 32
+    micro_batch_size: int = 0
+    epochs: float = 3.0
+    warmup_steps: int = 10
+    scheduler: str = "constant_with_warmup"
+    max_length: int = 128
+    layout: Literal["packed", "padded"] = "packed"
+    heldout_pairs_fraction: float = 0.1
+    """Share of prompts whose pairs are held out to measure preference accuracy (by prompt id)."""
+    trl_peer: bool = True
+    """Also train TRL 1.16's DPOTrainer at the first beta, same pairs and hyper-parameters."""
+
+    def validate(self, key: str) -> None:
+        _check(len(self.betas) > 0, f"{key}.betas", "give at least one beta, e.g. [0.1]")
+        for i, b in enumerate(self.betas):
+            _check(math.isfinite(b) and b > 0, f"{key}.betas[{i}]", f"beta must be > 0, got {b}")
+        valid = ("sigmoid", "ipo", "hinge", "robust", "simpo")
+        for i, lt in enumerate([self.loss_type, *self.variants]):
+            _check(lt in valid, f"{key}.variants[{i - 1}]" if i else f"{key}.loss_type", f"must be one of {list(valid)}, got {lt!r}")
+        _check(0.0 <= self.label_smoothing < 0.5, f"{key}.label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        _check(math.isfinite(self.lr) and self.lr > 0, f"{key}.lr", f"must be > 0, got {self.lr}")
+        _check(self.batch_size >= 1, f"{key}.batch_size", "must be >= 1")
+        _check(self.micro_batch_size == 0 or self.batch_size % self.micro_batch_size == 0, f"{key}.micro_batch_size",
+               f"must divide batch_size ({self.batch_size}) or be 0")
+        _check(self.epochs > 0, f"{key}.epochs", "must be > 0")
+        _check(self.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0")
+        _check(self.max_length >= 8, f"{key}.max_length", "must be >= 8")
+        _check(0.0 < self.heldout_pairs_fraction < 0.5, f"{key}.heldout_pairs_fraction", "must be in (0, 0.5)")
+
+
+@dataclass
+class EvalSection:
+    temperatures: list[float] = field(default_factory=lambda: [1.0])
+    """Sampling temperatures for evaluation (0 = greedy); the paper uses 0, 0.25, 0.5, 0.75, 1.0."""
+    samples_per_prompt: int = 1
+    max_new_tokens: int = 24
+    seed: int = 1234
+    """Sampling seed of evaluation: the same (prompt, temperature, index) gets the same seed in every arm."""
+
+    def validate(self, key: str) -> None:
+        _check(len(self.temperatures) > 0, f"{key}.temperatures", "give at least one temperature")
+        for i, t in enumerate(self.temperatures):
+            _check(0.0 <= t <= 2.0, f"{key}.temperatures[{i}]", f"must be in [0, 2], got {t}")
+        _check(self.samples_per_prompt >= 1, f"{key}.samples_per_prompt", "must be >= 1")
+        _check(1 <= self.max_new_tokens <= 1024, f"{key}.max_new_tokens", "must be in [1, 1024]")
+
+
+@dataclass
 class SuiteConfig:
     name: str
     """Suite name (the YAML file's stem)."""
@@ -174,6 +232,11 @@ class SuiteConfig:
     sft: TrainLoopConfig
     """Fine-tuning of the base on the task's text; the result is pi_ref."""
     prefs: PrefsConfig
+    dpo: DPOSection | None = None
+    """DPO arms (omit to skip)."""
+    eval: EvalSection = field(default_factory=EvalSection)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Training seeds of every arm (a sweep axis; the foundation stages use `seed`)."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """'auto' picks cuda > mps > cpu."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -189,6 +252,8 @@ class SuiteConfig:
         _check(bool(self.name.strip()), "name", "give the suite a name")
         _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         _check(self.threads >= 0, "threads", "must be >= 0 (0 = default)")
+        _check(len(self.seeds) > 0 and all(x >= 0 for x in self.seeds), "seeds", "give one or more seeds >= 0")
+        _check(len(set(self.seeds)) == len(self.seeds), "seeds", f"duplicate seeds in {self.seeds}")
         for sub in self.task.corpus.task_sources:
             _check(sub in self.task.corpus.sources, "task.corpus.task_sources",
                    f"'{sub}' is not in task.corpus.sources {self.task.corpus.sources}")
@@ -214,6 +279,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
+        if dataclasses.is_dataclass(args[0]) and not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping of {args[0].__name__} fields or null")
         return _coerce(value, args[0], key)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
@@ -318,7 +385,7 @@ def to_yaml(cfg: Any) -> str:
 
 
 __all__ = [
-    "BaseConfig", "ConfigError", "CorpusConfig", "PrefsConfig", "SuiteConfig", "TaskConfig",
+    "BaseConfig", "ConfigError", "CorpusConfig", "DPOSection", "EvalSection", "PrefsConfig", "SuiteConfig", "TaskConfig",
     "TokenizerConfig", "TrainLoopConfig", "available_suites", "config_from_dict", "field",
     "load_suite", "parse_override", "to_dict", "to_yaml",
 ]

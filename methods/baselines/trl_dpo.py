@@ -67,5 +67,9 @@ def train_trl_dpo(policy, ref_model, tokenizer, rows: list[dict], cfg: DPOConfig
                       dtype=dtype, **overrides)
     trainer = TRLDPOTrainer(model=policy, ref_model=ref_model, args=args, train_dataset=ds, processing_class=tokenizer,
                             callbacks=[_Capture()])
+    if args.disable_tqdm:  # transformers then prints every log dict; our callback already records them
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     trainer.train()
     return history, trainer

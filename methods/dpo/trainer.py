@@ -151,6 +151,24 @@ def cached_reference_logps(cache_file: Path | None, compute: Callable[[], dict])
 
 
 # ------------------------------------------------------------------------------------------------ trainer
+def total_steps_for(n_examples: int, cfg: DPOConfig) -> int:
+    return cfg.max_steps or max(1, int(round(cfg.epochs * max(1, n_examples // cfg.batch_size))))
+
+
+def example_order(n: int, cfg: DPOConfig, total_steps: int) -> list[int]:
+    """The sequence of example indices the trainer consumes: a fresh seeded shuffle every epoch, the last
+    incomplete batch of an epoch dropped. Peers are fed this same order so every arm sees identical batches."""
+    order, epoch = [], 0
+    need = total_steps * cfg.batch_size
+    while len(order) < need:
+        idx = list(range(n))
+        if cfg.shuffle:
+            random.Random(cfg.seed * 1000 + epoch).shuffle(idx)
+        order += idx[: len(idx) - len(idx) % cfg.batch_size] or idx
+        epoch += 1
+    return order[:need]
+
+
 def _optimizer(model, cfg: DPOConfig):
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "rmsprop":
@@ -185,8 +203,7 @@ class DPOTrainer:
         self.pad_id = pad_id
         self.autocast = autocast if autocast is not None else contextlib.nullcontext()
         self.accelerator = accelerator
-        steps_per_epoch = max(1, len(examples) // cfg.batch_size)
-        self.total_steps = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
+        self.total_steps = total_steps_for(len(examples), cfg)
         from transformers import get_scheduler
 
         self.opt = _optimizer(model, cfg)
@@ -199,15 +216,7 @@ class DPOTrainer:
         self.step = 0
 
     def _order(self) -> list[int]:
-        order, epoch = [], 0
-        need = self.total_steps * self.cfg.batch_size
-        while len(order) < need:
-            idx = list(range(len(self.examples)))
-            if self.cfg.shuffle:
-                random.Random(self.cfg.seed * 1000 + epoch).shuffle(idx)
-            order += idx[: len(idx) - len(idx) % self.cfg.batch_size] or idx
-            epoch += 1
-        return order[:need]
+        return example_order(len(self.examples), self.cfg, self.total_steps)
 
     def train(self, on_log: Callable[[dict], None] | None = None, stop: Callable[[], bool] | None = None) -> list[dict]:
         cfg, model = self.cfg, self.model

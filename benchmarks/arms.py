@@ -1,0 +1,216 @@
+"""Arms of the comparison as cached stages: every arm starts from pi_ref (the SFT stage) and trains on the
+same pairs (the prefs stage); every arm is evaluated by the same ``eval/<arm>`` stage.
+
+Runs are named ``method-hparams-seed`` (e.g. ``dpo-sigmoid-b0.1-s0``); seeds are a sweep axis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from benchmarks import utils
+from benchmarks.config import SuiteConfig
+from benchmarks.harness import Harness, Stage
+from benchmarks.stages import STAGES, load_model, load_pairs, load_prompts
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def split_pairs(rows: list[dict], heldout_fraction: float) -> tuple[list[dict], list[dict]]:
+    """Hold out whole prompts (stable hash of the prompt id), so no held-out prompt is seen in training."""
+    train, held = [], []
+    for r in rows:
+        (held if utils.text_hash("heldout/" + r["prompt_id"]) % 10_000 < heldout_fraction * 10_000 else train).append(r)
+    return train, held
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def dpo_arm_id(loss_type: str, beta: float, seed: int, peer: str = "dpo") -> str:
+    return f"{peer}-{loss_type}-b{_fmt(beta)}-s{seed}"
+
+
+def _dpo_train_config(c: SuiteConfig, loss_type: str, beta: float, seed: int):
+    from methods.dpo.trainer import DPOConfig
+
+    d = c.dpo
+    return DPOConfig(beta=beta, loss_type=loss_type, label_smoothing=d.label_smoothing if loss_type in ("sigmoid", "robust") else 0.0,
+                     lr=d.lr, optimizer=d.optimizer, batch_size=d.batch_size, micro_batch_size=d.micro_batch_size,
+                     epochs=d.epochs, warmup_steps=d.warmup_steps, scheduler=d.scheduler, max_length=d.max_length,
+                     layout=d.layout, pack_len=max(1024, 2 * d.max_length), seed=seed, log_every=1)
+
+
+def _pairs_for_training(h: Harness):
+    rows = [dict(r) for r in load_pairs(h)]
+    return split_pairs(rows, h.cfg.dpo.heldout_pairs_fraction)
+
+
+# ------------------------------------------------------------------------------------------------ DPO (ours)
+def _make_dpo_stage(loss_type: str, beta: float, seed: int) -> Stage:
+    def run(h: Harness, out: Path) -> dict:
+        from methods.dpo.trainer import (
+            DPOTrainer,
+            cached_reference_logps,
+            compute_reference_logps,
+            tokenize_pairs,
+        )
+
+        cfg = _dpo_train_config(h.cfg, loss_type, beta, seed)
+        utils.seed_everything(seed)
+        policy, tok = load_model(h.path("sft"), h.device)
+        train_rows, held_rows = _pairs_for_training(h)
+        ex, n_cut = tokenize_pairs(tok, train_rows, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode)
+        held, _ = tokenize_pairs(tok, held_rows, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode)
+        # reference log-probs: computed once per (reference, pairs, truncation, layout), shared by the whole sweep
+        ref_key = utils.stable_hash({"sft": h.stage_hash("sft"), "prefs": h.stage_hash("prefs"), "max_length": cfg.max_length,
+                                     "truncation": cfg.truncation_mode, "layout": cfg.layout,
+                                     "heldout": h.cfg.dpo.heldout_pairs_fraction, "dtype": h.cfg.dtype})
+        t = utils.Timer()
+        ref_all, hit = cached_reference_logps(
+            h.cache_dir / "reflogps" / f"{ref_key}.pt",
+            lambda: compute_reference_logps(policy, ex + held, pad_id=tok.pad_token_id, autocast=h.autocast(), layout=cfg.layout))
+        ref_s = t.elapsed
+        ref_train = {k: v[: len(ex)] for k, v in ref_all.items()}
+        ref_held = {k: v[len(ex):] for k, v in ref_all.items()}
+        tr = DPOTrainer(policy, ex, ref_train, cfg, pad_id=tok.pad_token_id, autocast=h.autocast())
+        before = tr.evaluate(held, ref_held)
+        t = utils.Timer()
+        hist = tr.train()
+        train_s = t.elapsed
+        after = tr.evaluate(held, ref_held)
+        policy.save_pretrained(out / "model")
+        tok.save_pretrained(out / "model")
+        utils.write_jsonl(out / "train_curve.jsonl", hist)
+        utils.atomic_write_json(out / "train_config.json", asdict(cfg))
+        return {"arm": dpo_arm_id(loss_type, beta, seed), "method": "dpo", "loss_type": loss_type, "beta": beta,
+                "seed": seed, "train_pairs": len(ex), "heldout_pairs": len(held), "truncated_pairs": n_cut,
+                "steps": tr.step, "heldout_acc_before": before["eval/rewards/accuracies"],
+                "heldout_acc_after": after["eval/rewards/accuracies"], "heldout_margin_after": after["eval/rewards/margins"],
+                "ref_logps_cached": hit, "time/reference_s": ref_s, "time/train_s": train_s,
+                "tokens_per_s": hist[-1]["tokens_per_s"], "tokens_seen": hist[-1]["tokens_seen"],
+                "final": {k: v for k, v in hist[-1].items() if "/" in k or k == "loss"}}
+
+    key = lambda c: {"dpo": asdict(c.dpo), "loss_type": loss_type, "beta": beta, "seed": seed, "dtype": c.dtype}  # noqa: E731
+    return Stage(f"arm/{dpo_arm_id(loss_type, beta, seed)}", ("sft", "prefs"), key, run)
+
+
+def _make_trl_stage(loss_type: str, beta: float, seed: int) -> Stage:
+    def run(h: Harness, out: Path) -> dict:
+        import warnings
+
+        from methods.baselines.trl_dpo import train_trl_dpo
+        from methods.dpo.trainer import example_order, total_steps_for
+
+        cfg = _dpo_train_config(h.cfg, loss_type, beta, seed)
+        utils.seed_everything(seed)
+        policy, tok = load_model(h.path("sft"), h.device)
+        ref, _ = load_model(h.path("sft"), h.device)
+        train_rows, _ = _pairs_for_training(h)
+        steps = total_steps_for(len(train_rows), cfg)
+        # TRL gets exactly our batches: our seeded per-epoch order, laid out as one sequential pass
+        seq_rows = [train_rows[i] for i in example_order(len(train_rows), cfg, steps)]
+        cfg.shuffle = False
+        t = utils.Timer()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hist, _ = train_trl_dpo(policy, ref, tok, seq_rows, cfg, device=h.device, total_steps=steps,
+                                    dtype=h.cfg.dtype, output_dir=str(out / "trl_tmp"), disable_tqdm=True)
+        train_s = t.elapsed
+        import shutil
+
+        shutil.rmtree(out / "trl_tmp", ignore_errors=True)
+        policy.save_pretrained(out / "model")
+        tok.save_pretrained(out / "model")
+        utils.write_jsonl(out / "train_curve.jsonl", hist)
+        return {"arm": dpo_arm_id(loss_type, beta, seed, "trl"), "method": "trl_dpo", "loss_type": loss_type, "beta": beta,
+                "seed": seed, "steps": steps, "time/train_s": train_s,
+                "final": {k: v for k, v in hist[-1].items() if "/" in k or k == "loss"} if hist else {}}
+
+    key = lambda c: {"dpo": asdict(c.dpo), "loss_type": loss_type, "beta": beta, "seed": seed, "dtype": c.dtype, "peer": "trl"}  # noqa: E731
+    return Stage(f"arm/{dpo_arm_id(loss_type, beta, seed, 'trl')}", ("sft", "prefs"), key, run, version=2)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def _make_eval_stage(arm: str) -> Stage:
+    """Samples of arm (or 'sft', the reference itself) on the held-out prompts, scored by gold reward and KL."""
+    src = "sft" if arm == "sft" else f"arm/{arm}"
+
+    def run(h: Harness, out: Path) -> dict:
+        import pandas as pd
+
+        from benchmarks.evaluators.samples import generate_eval_samples
+
+        e = h.cfg.eval
+        model, tok = load_model(h.path(src), h.device)
+        ref, _ = load_model(h.path("sft"), h.device)
+        prompts = load_prompts(h, "eval")
+        utils.reset_peak_rss()
+        rows, timing = generate_eval_samples(model, ref, tok, prompts, temperatures=e.temperatures, n=e.samples_per_prompt,
+                                             max_new_tokens=e.max_new_tokens, seed=e.seed, target=h.cfg.task.target,
+                                             autocast=h.autocast())
+        df = pd.DataFrame(rows)
+        df.insert(0, "arm", arm)
+        df.to_parquet(out / "samples.parquet", index=False)
+        by_t = {}
+        for temp, g in df.groupby("temperature"):
+            by_t[_fmt(temp)] = {"gold_mean": float(g.gold.mean()), "gold_sd": float(g.gold.std(ddof=0)),
+                                "seq_kl_mean": float(g.seq_kl.mean()), "length_mean": float(g.length.mean())}
+        return {"arm": arm, "samples": len(df), "by_temperature": by_t, **timing}
+
+    key = lambda c: {"eval": asdict(c.eval), "target": c.task.target, "dtype": c.dtype}  # noqa: E731
+    deps = (src, "sft", "prompts") if src != "sft" else ("sft", "prompts")
+    return Stage(f"eval/{arm}", deps, key, run)
+
+
+# ------------------------------------------------------------------------------------------------ registry
+def arm_ids(c: SuiteConfig) -> list[str]:
+    ids = []
+    if c.dpo is not None:
+        for seed in c.seeds:
+            for beta in c.dpo.betas:
+                ids.append(dpo_arm_id(c.dpo.loss_type, beta, seed))
+            for lt in c.dpo.variants:
+                ids.append(dpo_arm_id(lt, c.dpo.betas[0], seed))
+            if c.dpo.trl_peer:
+                ids.append(dpo_arm_id(c.dpo.loss_type, c.dpo.betas[0], seed, "trl"))
+    return ids
+
+
+def build_stages(c: SuiteConfig) -> tuple[dict[str, Stage], list[str]]:
+    """All stages of a suite (the foundation plus one train + one eval stage per arm) and the default targets."""
+    stages = dict(STAGES)
+    arms = ["sft"]
+    if c.dpo is not None:
+        for seed in c.seeds:
+            for beta in c.dpo.betas:
+                st = _make_dpo_stage(c.dpo.loss_type, beta, seed)
+                stages[st.name] = st
+            for lt in c.dpo.variants:
+                st = _make_dpo_stage(lt, c.dpo.betas[0], seed)
+                stages[st.name] = st
+            if c.dpo.trl_peer:
+                st = _make_trl_stage(c.dpo.loss_type, c.dpo.betas[0], seed)
+                stages[st.name] = st
+    arms += arm_ids(c)
+    for a in arms:
+        st = _make_eval_stage(a)
+        stages[st.name] = st
+    targets = ["data", "base", "sft", "prompts", "prefs"] + [f"arm/{a}" for a in arms if a != "sft"] + [f"eval/{a}" for a in arms]
+    return stages, targets
+
+
+def summarise(results) -> list[dict]:
+    """One line per evaluated arm (temperature 1 if present): gold, KL, length."""
+    out = []
+    for name, r in results.items():
+        if name.startswith("eval/"):
+            bt = r.summary["by_temperature"]
+            t = "1" if "1" in bt else sorted(bt)[-1]
+            out.append({"arm": r.summary["arm"], "T": t, **bt[t]})
+    return out
+
+
+__all__ = ["arm_ids", "build_stages", "split_pairs", "summarise"]
