@@ -6,7 +6,7 @@ SUITE ?= default
 STAMP := $(VENV)/.setup-stamp
 ARGS  ?=
 
-.PHONY: help setup bench test lint check clean-cache
+.PHONY: help setup bench test lint check clean-cache perf-dpo
 help:
 	@echo "make bench [SUITE=default|smoke]  run a suite end to end (set-up on first use)"
 	@echo "make test                         run the test suite (set-up on first use)"
@@ -29,3 +29,8 @@ lint: $(STAMP)
 
 clean-cache:
 	rm -rf results/cache results/runs
+
+# DPO speed benchmark vs TRL 1.16 (fresh process per variant, interleaved repeats, medians). Run it on a
+# quiet machine: a second busy process on 2 cores skews timings 2-25x.
+perf-dpo: $(STAMP)
+	$(PY) -m benchmarks.perf.dpo_vs_trl $(ARGS)

@@ -165,6 +165,29 @@ def _make_eval_stage(arm: str) -> Stage:
     return Stage(f"eval/{arm}", deps, key, run)
 
 
+def _evalref(h: Harness, out: Path) -> dict:
+    """The 'chosen' response of every eval prompt: the best of K reference samples by gold reward (the
+    preferred response of a held-out pair), for win rate vs chosen."""
+    import pandas as pd
+
+    from benchmarks.stages import sample_texts
+    from benchmarks.tasks.sentiment import gold_reward
+
+    k = h.cfg.prefs.samples_per_prompt
+    model, tok = load_model(h.path("sft"), h.device)
+    prompts = load_prompts(h, "eval")
+    texts, _ = sample_texts(h, model, tok, prompts, n=k, temperature=h.cfg.prefs.temperature,
+                            max_new_tokens=h.cfg.eval.max_new_tokens, seed=h.cfg.seed + 99)
+    rows = []
+    for p, comps in zip(prompts, texts, strict=True):
+        g = gold_reward(comps, h.cfg.task.target)
+        best = max(range(k), key=lambda i: g[i])
+        rows.append({"prompt_id": p["prompt_id"], "chosen": comps[best], "chosen_gold": g[best]})
+    df = pd.DataFrame(rows)
+    df.to_parquet(out / "chosen.parquet", index=False)
+    return {"prompts": len(df), "chosen_gold_mean": float(df.chosen_gold.mean())}
+
+
 # ------------------------------------------------------------------------------------------------ registry
 def arm_ids(c: SuiteConfig) -> list[str]:
     ids = []
@@ -182,6 +205,9 @@ def arm_ids(c: SuiteConfig) -> list[str]:
 def build_stages(c: SuiteConfig) -> tuple[dict[str, Stage], list[str]]:
     """All stages of a suite (the foundation plus one train + one eval stage per arm) and the default targets."""
     stages = dict(STAGES)
+    stages["evalref"] = Stage("evalref", ("sft", "prompts"), lambda c: {"k": c.prefs.samples_per_prompt,
+                              "T": c.prefs.temperature, "max_new_tokens": c.eval.max_new_tokens, "target": c.task.target,
+                              "seed": c.seed, "dtype": c.dtype}, _evalref)
     arms = ["sft"]
     if c.dpo is not None:
         for seed in c.seeds:
@@ -198,19 +224,9 @@ def build_stages(c: SuiteConfig) -> tuple[dict[str, Stage], list[str]]:
     for a in arms:
         st = _make_eval_stage(a)
         stages[st.name] = st
-    targets = ["data", "base", "sft", "prompts", "prefs"] + [f"arm/{a}" for a in arms if a != "sft"] + [f"eval/{a}" for a in arms]
+    targets = (["data", "base", "sft", "prompts", "prefs"] + [f"arm/{a}" for a in arms if a != "sft"]
+               + ["evalref"] + [f"eval/{a}" for a in arms])
     return stages, targets
 
 
-def summarise(results) -> list[dict]:
-    """One line per evaluated arm (temperature 1 if present): gold, KL, length."""
-    out = []
-    for name, r in results.items():
-        if name.startswith("eval/"):
-            bt = r.summary["by_temperature"]
-            t = "1" if "1" in bt else sorted(bt)[-1]
-            out.append({"arm": r.summary["arm"], "T": t, **bt[t]})
-    return out
-
-
-__all__ = ["arm_ids", "build_stages", "split_pairs", "summarise"]
+__all__ = ["arm_ids", "build_stages", "split_pairs"]

@@ -65,16 +65,16 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise ConfigError(f"unknown stage(s) {unknown}; stages are {list(stages)}")
         print(f"prefbench: suite '{cfg.name}' on {h.device} ({cfg.dtype}), seed {cfg.seed}")
-        results = h.run(targets)
-        from benchmarks.arms import summarise
-
-        rows = summarise(results)
-        if rows:
-            print(f"\n{'arm':<28} {'T':>4} {'gold':>8} {'KL':>8} {'length':>7}")
-            for r in rows:
-                print(f"{r['arm']:<28} {r['T']:>4} {r['gold_mean']:>8.3f} {r['seq_kl_mean']:>8.2f} {r['length_mean']:>7.1f}")
         run_dir = h.root / cfg.runs_dir / cfg.name
-        print(f"prefbench: done. Run folder: {run_dir} (resolved_config.yaml, stages.json)")
+        h.run(targets, run_dir=run_dir)
+        if "eval/sft" in h.results:
+            from benchmarks.results import collect, print_table
+
+            summary = collect(h, run_dir)
+            print("\n" + print_table(summary))
+            if summary["failed_arms"]:
+                print(f"\nFAILED arms (the suite went on without them): {sorted(summary['failed_arms'])}")
+        print(f"prefbench: done. Run folder: {run_dir} (resolved_config.yaml, stages.json, summary.csv, samples.parquet)")
         return 0
     except KeyboardInterrupt:
         print("prefbench: interrupted; finished stages are cached, re-run the same command to resume", file=sys.stderr)

@@ -64,6 +64,7 @@ class Harness:
             torch.set_num_threads(cfg.threads)
         quiet_libraries()
         self.results: dict[str, StageResult] = {}
+        self.failed: dict[str, str] = {}
         self._hashes: dict[str, str] = {}
 
     # -------------------------------------------------------------------------------- keys and paths
@@ -95,6 +96,9 @@ class Harness:
             raise KeyError(f"unknown stage '{name}'; stages: {list(self.stages)}")
         st = self.stages[name]
         for d in st.deps:
+            if d in self.failed:
+                self.failed[name] = f"skipped: depends on failed stage {d}"
+                raise RuntimeError(self.failed[name])
             self.run_stage(d)
         final = self.stage_dir(name)
         t = utils.Timer()
@@ -136,12 +140,23 @@ class Harness:
         utils.atomic_write_text(run_dir / "resolved_config.yaml", to_yaml(self.cfg))
         t = utils.Timer()
         for name in targets:
-            self.run_stage(name)
+            if not name.startswith(("arm/", "eval/")):
+                self.run_stage(name)  # the shared foundation: a failure here stops the suite
+                continue
+            try:  # an arm that fails is recorded and the suite goes on with the others
+                self.run_stage(name)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as e:  # noqa: BLE001 - recorded, reported in the summary
+                if name not in self.failed:
+                    self.failed[name] = f"{type(e).__name__}: {e}"
+                self.log(f"[{name}] FAILED: {type(e).__name__}: {e} (the suite goes on)")
         index = {n: {"hash": r.hash, "path": str(r.path), "cached": r.cached, "wall_s": r.wall_s,
                      "peak_rss_mb": r.peak_rss_mb, "summary": r.summary} for n, r in self.results.items()}
         utils.atomic_write_json(run_dir / "stages.json", {"suite": self.cfg.name, "config": to_dict(self.cfg),
                                                            "provenance": provenance(self.device, self.cfg.dtype),
-                                                           "wall_s": t.elapsed, "stages": index})
+                                                           "wall_s": t.elapsed, "stages": index,
+                                                           "failed": self.failed})
         return self.results
 
 

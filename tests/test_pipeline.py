@@ -14,7 +14,9 @@ TINY = [
     "task.corpus.max_docs_per_source=3000", "task.n_train_prompts=64", "task.n_eval_prompts=32",
     "tokenizer.vocab_size=512", "base.hidden_size=32", "base.intermediate_size=64", "base.train.steps=30",
     "base.train.batch_size=8", "sft.steps=10", "sft.batch_size=8", "prefs.max_new_tokens=8",
+    "dpo.epochs=1", "dpo.batch_size=8", "eval.max_new_tokens=8",
 ]
+FOUNDATION = ["[    data]", "[    base]", "[     sft]", "[ prompts]", "[   prefs]"]
 
 
 def _run(tmp_path, *extra):
@@ -33,8 +35,14 @@ def test_foundation_runs_offline_and_reuses_cache(tmp_path):
 
     first = _run(tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert first.stdout.count("done in") == 5
+    assert all(f"{s} done in" in first.stdout for s in FOUNDATION)
     idx = json.loads((tmp_path / "runs" / "smoke" / "stages.json").read_text())
+    summary = json.loads((tmp_path / "runs" / "smoke" / "summary.json").read_text())
+    arms = {a["arm"]: a for a in summary["arms"]}
+    assert set(arms) == {"sft", "dpo-sigmoid-b0.1-s0", "trl-sigmoid-b0.1-s0"} and not summary["failed_arms"]
+    assert arms["sft"]["kl"] == 0.0 and arms["sft"]["win_vs_sft"] == 0.5  # the reference against itself
+    assert arms["dpo-sigmoid-b0.1-s0"]["kl"] > 0
+    assert summary["provenance"]["torch"] and (tmp_path / "runs" / "smoke" / "samples.parquet").exists()
     pairs = datasets.load_from_disk(idx["stages"]["prefs"]["path"] + "/pairs")
     assert {"prompt", "chosen", "rejected", "score_chosen", "score_rejected", "ref_chosen_logps",
             "ref_rejected_logps"} <= set(pairs.column_names)
@@ -44,10 +52,17 @@ def test_foundation_runs_offline_and_reuses_cache(tmp_path):
     assert idx["stages"]["sft"]["summary"]["heldout_loss_after"] < idx["stages"]["sft"]["summary"]["heldout_loss_before"]
 
     again = _run(tmp_path)
-    assert again.returncode == 0 and again.stdout.count("cached") == 5 and "done in" not in again.stdout
+    assert again.returncode == 0 and "done in" not in again.stdout and again.stdout.count("cached") >= 10
 
-    changed = _run(tmp_path, "prefs.min_gap=0.2")  # only the prefs stage re-runs
-    assert changed.stdout.count("cached") == 4 and "[   prefs] done" in changed.stdout
+    changed = _run(tmp_path, "prefs.min_gap=0.2")  # prefs and what follows it re-run, nothing upstream
+    assert all(f"{s} cached" in changed.stdout for s in FOUNDATION[:4]) and "[   prefs] done" in changed.stdout
+    assert "[eval/sft] cached" in changed.stdout and "[arm/dpo-sigmoid-b0.1-s0] done" in changed.stdout
+
+    failing = _run(tmp_path, "dpo.max_length=8")  # every prompt fills max_length: our DPO arm fails
+    assert failing.returncode == 0, failing.stderr[-2000:]
+    s2 = json.loads((tmp_path / "runs" / "smoke" / "summary.json").read_text())
+    assert "arm/dpo-sigmoid-b0.1-s0" in s2["failed_arms"] and "max_length" in s2["failed_arms"]["arm/dpo-sigmoid-b0.1-s0"]
+    assert "sft" in {a["arm"] for a in s2["arms"]} and "FAILED arms" in failing.stdout
 
 
 def test_bad_config_exits_nonzero_with_one_clear_line(tmp_path):

@@ -1,0 +1,126 @@
+"""Suite-level tidy tables: the only input of the report and of the regression gate.
+
+Written into the run folder ``results/runs/<suite>/``:
+  samples.parquet   every evaluation sample of every arm (one row per arm x temperature x prompt x index)
+  summary.csv       one row per arm x temperature: gold, win rates, KL, diversity, length (+ CIs), train cost
+  by_config.csv     the same aggregated over seeds (mean, and a seeds x prompts bootstrap CI)
+  summary.json      both tables + provenance + which arms failed or are missing
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from benchmarks import utils
+from benchmarks.evaluators.metrics import arm_metrics
+from benchmarks.evaluators.stats import seeds_prompts_ci
+
+# the noise floor measured by comparing the reference with itself under a new sampling seed (shared/ASSETS.md)
+NOISE = {"gold": 0.03, "win_vs_sft": 0.03}
+
+
+def _arm_meta(name: str, summary: dict | None) -> dict:
+    if name == "sft":
+        return {"method": "sft", "loss_type": "", "beta": np.nan, "seed": 0, "train_s": 0.0}
+    s = summary or {}
+    return {"method": s.get("method", name.split("-")[0]), "loss_type": s.get("loss_type", ""),
+            "beta": s.get("beta", np.nan), "seed": s.get("seed", 0), "train_s": s.get("time/train_s", np.nan),
+            "train_tokens_per_s": s.get("tokens_per_s", np.nan), "heldout_acc": s.get("heldout_acc_after", np.nan),
+            "rm_accuracy": s.get("rm_accuracy", np.nan), "rm_gold_pearson": s.get("rm_gold_pearson", np.nan)}
+
+
+def collect(h, run_dir: Path) -> dict:
+    """Build and write the suite tables from the finished eval stages of harness ``h``."""
+    res = h.results
+    evals = {n[5:]: r for n, r in res.items() if n.startswith("eval/")}
+    if "sft" not in evals:
+        raise RuntimeError("the reference (eval/sft) was not evaluated; every comparison needs it")
+    frames = []
+    for arm, r in evals.items():
+        df = pd.read_parquet(r.path / "samples.parquet")
+        frames.append(df)
+    samples = pd.concat(frames, ignore_index=True)
+    chosen = pd.read_parquet(res["evalref"].path / "chosen.parquet") if "evalref" in res else None
+    key = ["prompt_id", "temperature", "sample_index"]
+    sft = samples[samples.arm == "sft"].set_index(key)
+    rows = []
+    for arm, r in evals.items():
+        arm_stage = res.get(f"arm/{arm}")
+        meta = _arm_meta(arm, arm_stage.summary if arm_stage else None)
+        if arm_stage is not None:
+            meta["train_peak_rss_mb"] = arm_stage.peak_rss_mb
+        for temp, g in samples[samples.arm == arm].groupby("temperature"):
+            g = g.set_index(key).sort_index()
+            ref = sft.loc[g.index]
+            ch = chosen.set_index("prompt_id").loc[g.index.get_level_values("prompt_id"), "chosen_gold"].to_numpy() if chosen is not None else None
+            m = arm_metrics(g.gold.to_numpy(), ref.gold.to_numpy(), ch, g.seq_kl.to_numpy(), g.length.to_numpy(),
+                            g.completion.tolist(), seed=h.cfg.eval.seed)
+            m["gold_minus_sft"] = m["gold"] - float(ref.gold.mean())
+            m["outside_noise"] = bool(abs(m["gold_minus_sft"]) > NOISE["gold"] and abs(m["win_vs_sft"] - 0.5) > NOISE["win_vs_sft"])
+            rows.append({"arm": arm, "temperature": temp, **meta, **m,
+                         "eval_generation_s": r.summary.get("generation_s"), "eval_new_tokens": r.summary.get("new_tokens")})
+    order = {"sft": 0, "preferred_ft": 1, "best_of_n": 2, "dpo": 3, "trl_dpo": 4, "ppo": 5, "ppo_gt": 6}
+    summary = pd.DataFrame(rows)
+    summary["_o"] = summary.method.map(order).fillna(9)
+    summary = summary.sort_values(["_o", "method", "loss_type", "beta", "seed", "temperature"]).drop(columns="_o")
+    by_config = _by_config(samples, summary, h.cfg.eval.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_parquet(samples, run_dir / "samples.parquet")
+    utils.atomic_write_text(run_dir / "summary.csv", summary.to_csv(index=False))
+    utils.atomic_write_text(run_dir / "by_config.csv", by_config.to_csv(index=False))
+    from benchmarks.harness import provenance
+
+    failed = dict(getattr(h, "failed", {}))
+    out = {"suite": h.cfg.name, "provenance": provenance(h.device, h.cfg.dtype), "seeds": h.cfg.seeds,
+           "noise_floor": NOISE, "arms": summary.replace({np.nan: None}).to_dict("records"),
+           "by_config": by_config.replace({np.nan: None}).to_dict("records"), "failed_arms": failed}
+    utils.atomic_write_json(run_dir / "summary.json", out)
+    return out
+
+
+def _by_config(samples: pd.DataFrame, summary: pd.DataFrame, seed: int) -> pd.DataFrame:
+    cols = ["method", "loss_type", "beta", "temperature"]
+    rows = []
+    for k, g in summary.groupby(cols, dropna=False):
+        arms = g.arm.tolist()
+        rec = dict(zip(cols, k, strict=True))
+        rec["n_seeds"] = len(arms)
+        # [seeds, prompts] matrix of gold for a two-level bootstrap
+        mats = [samples[(samples.arm == a) & (samples.temperature == rec["temperature"])].sort_values(
+            ["prompt_id", "sample_index"]).gold.to_numpy() for a in arms]
+        if len({len(m) for m in mats}) == 1:
+            p, lo, hi = seeds_prompts_ci(np.stack(mats), seed=seed)
+            rec.update({"gold": p, "gold_low": lo, "gold_high": hi})
+        for c in ("win_vs_sft", "win_vs_chosen", "kl", "length", "distinct_2", "train_s"):
+            if c in g:
+                rec[c] = float(g[c].mean())
+                rec[c + "_seed_sd"] = float(g[c].std(ddof=1)) if len(g) > 1 else np.nan
+        rows.append(rec)
+    return pd.DataFrame(rows)
+
+
+def _atomic_parquet(df: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.to_parquet(tmp, index=False)
+    tmp.replace(path)
+
+
+def print_table(summary: dict, temperature: float | None = None) -> str:
+    """The headline table as text (one line per arm at one temperature)."""
+    arms = summary["arms"]
+    temps = sorted({a["temperature"] for a in arms})
+    t = temperature if temperature in temps else (1.0 if 1.0 in temps else temps[-1])
+    lines = [f"{'arm':<26} {'T':>4} {'gold [95% CI]':>22} {'win vs SFT':>11} {'win vs ch.':>10} {'KL':>7} {'len':>5} {'dist-2':>6}"]
+    for a in arms:
+        if a["temperature"] != t:
+            continue
+        flag = "" if a["method"] == "sft" or a["outside_noise"] else " ~"
+        wc = a.get("win_vs_chosen")
+        lines.append(f"{a['arm']:<26} {t:>4g} {a['gold']:>7.3f} [{a['gold_low']:.3f},{a['gold_high']:.3f}] "
+                     f"{a['win_vs_sft']:>11.3f} {wc if wc is not None else float('nan'):>10.3f} {a['kl']:>7.2f} "
+                     f"{a['length']:>5.1f} {a['distinct_2']:>6.3f}{flag}")
+    lines.append("(~ = within the reference-vs-itself noise floor: |gold diff| <= 0.03 or |win - 0.5| <= 0.03)")
+    return "\n".join(lines)
