@@ -221,11 +221,17 @@ def build_stages(c: SuiteConfig) -> tuple[dict[str, Stage], list[str]]:
                 st = _make_trl_stage(c.dpo.loss_type, c.dpo.betas[0], seed)
                 stages[st.name] = st
     arms += arm_ids(c)
+    from benchmarks.rlhf_arms import rlhf_stages
+
+    r_stages, r_trained, r_eval_only = rlhf_stages(c)
+    stages.update(r_stages)
+    arms += r_trained
     for a in arms:
         st = _make_eval_stage(a)
         stages[st.name] = st
-    targets = (["data", "base", "sft", "prompts", "prefs"] + [f"arm/{a}" for a in arms if a != "sft"]
-               + ["evalref"] + [f"eval/{a}" for a in arms])
+    extra = ["rm"] if "rm" in r_stages else []
+    targets = (["data", "base", "sft", "prompts", "prefs"] + extra + [f"arm/{a}" for a in arms if a != "sft"]
+               + ["evalref"] + [f"eval/{a}" for a in arms + r_eval_only])
     return stages, targets
 
 

@@ -17,6 +17,9 @@ from typing import Any, Literal
 
 import yaml
 
+from methods.rlhf.ppo import PPOConfig
+from methods.rlhf.reward_model import RewardModelConfig
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -204,6 +207,39 @@ class DPOSection:
 
 
 @dataclass
+class RLHFSection:
+    ppo: PPOConfig
+    """Base PPO settings ("paper PPO"); every PPO arm starts from these. See methods/rlhf/ppo.py."""
+    rm: RewardModelConfig = field(default_factory=RewardModelConfig)
+    """Bradley-Terry reward model trained on the same pairs DPO sees, initialised from pi_ref."""
+    kl_coefs: list[float] = field(default_factory=list)
+    """Grid over the KL coefficient beta (fixed, or initial when ppo.target_kl is set): one PPO arm each."""
+    target_kls: list[float] = field(default_factory=list)
+    """Grid over the adaptive controller's target KL: one PPO arm each."""
+    strong_ppo: bool = False
+    """Also run "strong PPO" (Xu et al. 2024) at the first grid point: 4x rollout batch, whitened advantages,
+    EMA reference."""
+    strong_ema_decay: float = 0.95
+    ppo_gt: bool = False
+    """Also run PPO on the gold reward itself at the first grid point (the paper's PPO-GT upper bound)."""
+    best_of_n: list[int] = field(default_factory=list)
+    """Best-of-N baselines: N samples of pi_ref reranked by the reward model (KL = log N - (N-1)/N)."""
+    preferred_ft: bool = False
+    """Preferred-FT baseline: supervised fine-tuning of pi_ref on the chosen completions."""
+    preferred_ft_steps: int = 100
+
+    def validate(self, key: str) -> None:
+        for i, b in enumerate(self.kl_coefs):
+            _check(math.isfinite(b) and b >= 0, f"{key}.kl_coefs[{i}]", f"must be >= 0, got {b}")
+        for i, t in enumerate(self.target_kls):
+            _check(math.isfinite(t) and t > 0, f"{key}.target_kls[{i}]", f"target KL must be > 0, got {t}")
+        for i, n in enumerate(self.best_of_n):
+            _check(n >= 1, f"{key}.best_of_n[{i}]", f"N must be >= 1, got {n}")
+        _check(0 < self.strong_ema_decay < 1, f"{key}.strong_ema_decay", "must be in (0, 1)")
+        _check(self.preferred_ft_steps >= 1, f"{key}.preferred_ft_steps", "must be >= 1")
+
+
+@dataclass
 class EvalSection:
     temperatures: list[float] = field(default_factory=lambda: [1.0])
     """Sampling temperatures for evaluation (0 = greedy); the paper uses 0, 0.25, 0.5, 0.75, 1.0."""
@@ -234,6 +270,8 @@ class SuiteConfig:
     prefs: PrefsConfig
     dpo: DPOSection | None = None
     """DPO arms (omit to skip)."""
+    rlhf: RLHFSection | None = None
+    """RLHF arms: reward model + PPO grid, strong PPO, PPO-GT, best-of-N, Preferred-FT (omit to skip)."""
     eval: EvalSection = field(default_factory=EvalSection)
     seeds: list[int] = field(default_factory=lambda: [0])
     """Training seeds of every arm (a sweep axis; the foundation stages use `seed`)."""
@@ -288,6 +326,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}': expected a list, got {type(value).__name__} {value!r}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string: accept it as the number it is
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}': expected a number, got {type(value).__name__} {value!r}")
         return float(value)
@@ -323,7 +366,15 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
         kwargs[name] = _coerce(data[name], hints[name], key)
     obj = cls(**kwargs)
     if hasattr(obj, "validate"):
-        obj.validate(prefix)
+        import inspect
+
+        if len(inspect.signature(obj.validate).parameters) == 1:
+            obj.validate(prefix)
+        else:  # a method's own config class (e.g. PPOConfig): re-raise its message under the section's key
+            try:
+                obj.validate()
+            except ValueError as e:
+                raise ConfigError(f"config section '{prefix}': {e}") from None
     return obj
 
 

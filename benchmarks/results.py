@@ -29,7 +29,8 @@ def _arm_meta(name: str, summary: dict | None) -> dict:
     return {"method": s.get("method", name.split("-")[0]), "loss_type": s.get("loss_type", ""),
             "beta": s.get("beta", np.nan), "seed": s.get("seed", 0), "train_s": s.get("time/train_s", np.nan),
             "train_tokens_per_s": s.get("tokens_per_s", np.nan), "heldout_acc": s.get("heldout_acc_after", np.nan),
-            "rm_accuracy": s.get("rm_accuracy", np.nan), "rm_gold_pearson": s.get("rm_gold_pearson", np.nan)}
+            "rm_accuracy": s.get("rm_accuracy", np.nan), "rm_gold_pearson": s.get("rm_gold_pearson", np.nan),
+            "target_kl": s.get("target_kl", np.nan), **{k: s[k] for k in s if k.startswith("time/") and k.endswith("_s")}}
 
 
 def collect(h, run_dir: Path) -> dict:
@@ -38,18 +39,14 @@ def collect(h, run_dir: Path) -> dict:
     evals = {n[5:]: r for n, r in res.items() if n.startswith("eval/")}
     if "sft" not in evals:
         raise RuntimeError("the reference (eval/sft) was not evaluated; every comparison needs it")
-    frames = []
-    for arm, r in evals.items():
-        df = pd.read_parquet(r.path / "samples.parquet")
-        frames.append(df)
-    samples = pd.concat(frames, ignore_index=True)
+    samples = pd.concat([pd.read_parquet(r.path / "samples.parquet") for r in evals.values()], ignore_index=True)
     chosen = pd.read_parquet(res["evalref"].path / "chosen.parquet") if "evalref" in res else None
     key = ["prompt_id", "temperature", "sample_index"]
     sft = samples[samples.arm == "sft"].set_index(key)
     rows = []
     for arm, r in evals.items():
         arm_stage = res.get(f"arm/{arm}")
-        meta = _arm_meta(arm, arm_stage.summary if arm_stage else None)
+        meta = _arm_meta(arm, arm_stage.summary if arm_stage else r.summary if "method" in r.summary else None)
         if arm_stage is not None:
             meta["train_peak_rss_mb"] = arm_stage.peak_rss_mb
         for temp, g in samples[samples.arm == arm].groupby("temperature"):
@@ -62,7 +59,7 @@ def collect(h, run_dir: Path) -> dict:
             m["outside_noise"] = bool(abs(m["gold_minus_sft"]) > NOISE["gold"] and abs(m["win_vs_sft"] - 0.5) > NOISE["win_vs_sft"])
             rows.append({"arm": arm, "temperature": temp, **meta, **m,
                          "eval_generation_s": r.summary.get("generation_s"), "eval_new_tokens": r.summary.get("new_tokens")})
-    order = {"sft": 0, "preferred_ft": 1, "best_of_n": 2, "dpo": 3, "trl_dpo": 4, "ppo": 5, "ppo_gt": 6}
+    order = {"sft": 0, "preferred_ft": 1, "best_of_n": 2, "dpo": 3, "trl_dpo": 4, "ppo": 5, "strong_ppo": 6, "ppo_gt": 7}
     summary = pd.DataFrame(rows)
     summary["_o"] = summary.method.map(order).fillna(9)
     summary = summary.sort_values(["_o", "method", "loss_type", "beta", "seed", "temperature"]).drop(columns="_o")
