@@ -63,7 +63,7 @@ def _make_dpo_stage(loss_type: str, beta: float, seed: int) -> Stage:
         policy, tok = load_model(h.path("sft"), h.device)
         train_rows, held_rows = _pairs_for_training(h)
         ex, n_cut = tokenize_pairs(tok, train_rows, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode)
-        held, _ = tokenize_pairs(tok, held_rows, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode)
+        held = tokenize_pairs(tok, held_rows, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode)[0] if held_rows else []
         # reference log-probs: computed once per (reference, pairs, truncation, layout), shared by the whole sweep
         ref_key = utils.stable_hash({"sft": h.stage_hash("sft"), "prefs": h.stage_hash("prefs"), "max_length": cfg.max_length,
                                      "truncation": cfg.truncation_mode, "layout": cfg.layout,
@@ -76,11 +76,12 @@ def _make_dpo_stage(loss_type: str, beta: float, seed: int) -> Stage:
         ref_train = {k: v[: len(ex)] for k, v in ref_all.items()}
         ref_held = {k: v[len(ex):] for k, v in ref_all.items()}
         tr = DPOTrainer(policy, ex, ref_train, cfg, pad_id=tok.pad_token_id, autocast=h.autocast())
-        before = tr.evaluate(held, ref_held)
+        nan = {"eval/rewards/accuracies": float("nan"), "eval/rewards/margins": float("nan")}
+        before = tr.evaluate(held, ref_held) if held else nan
         t = utils.Timer()
         hist = tr.train()
         train_s = t.elapsed
-        after = tr.evaluate(held, ref_held)
+        after = tr.evaluate(held, ref_held) if held else nan
         policy.save_pretrained(out / "model")
         tok.save_pretrained(out / "model")
         utils.write_jsonl(out / "train_curve.jsonl", hist)
@@ -229,7 +230,7 @@ def build_stages(c: SuiteConfig) -> tuple[dict[str, Stage], list[str]]:
     for a in arms:
         st = _make_eval_stage(a)
         stages[st.name] = st
-    extra = ["rm"] if "rm" in r_stages else []
+    extra = ["arm/rm"] if "arm/rm" in r_stages else []
     targets = (["data", "base", "sft", "prompts", "prefs"] + extra + [f"arm/{a}" for a in arms if a != "sft"]
                + ["evalref"] + [f"eval/{a}" for a in arms + r_eval_only])
     return stages, targets

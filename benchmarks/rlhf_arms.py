@@ -36,7 +36,9 @@ def _rm(h: Harness, out: Path) -> dict:
     rm = ScalarRewardModel.from_causal_lm(str(sft_dir / "model"), pooling=cfg.pooling, init_seed=cfg.seed).to(h.device)
     train, held = _pairs(h)
     t = utils.Timer()
-    hist, metrics = train_reward_model(rm, tok, train, held, cfg, h.device, autocast=h.autocast())
+    hist, metrics = train_reward_model(rm, tok, train, held or None, cfg, h.device, autocast=h.autocast())
+    if not held:
+        h.log("[arm/rm] warning: no held-out pairs, the RM's accuracy is unknown (raise task.n_train_prompts)")
     train_s = t.elapsed
     # correlation with gold on fresh pi_ref samples of held-out prompts (not the pairs it was trained on)
     policy, _ = load_model(sft_dir, h.device)
@@ -49,7 +51,7 @@ def _rm(h: Harness, out: Path) -> dict:
     corr = gold_correlation(scores, gold_reward(cs, h.cfg.task.target))
     rm.save_pretrained(out / "rm", tokenizer=tok)
     utils.write_jsonl(out / "train_curve.jsonl", hist)
-    return {"rm_accuracy": metrics["eval/accuracy"], "rm_gold_pearson": corr["pearson"], "rm_gold_spearman": corr["spearman"],
+    return {"rm_accuracy": metrics.get("eval/accuracy", float("nan")), "rm_gold_pearson": corr["pearson"], "rm_gold_spearman": corr["spearman"],
             "train_pairs": len(train), "heldout_pairs": len(held), "time/train_s": train_s,
             "rm_score_mean": float(sum(scores) / len(scores)), **{k: v for k, v in metrics.items() if k.startswith("eval/")}}
 
@@ -82,7 +84,7 @@ def _make_ppo_stage(kind: str, kl_coef: float | None, target_kl: float | None, s
         utils.seed_everything(seed)
         policy, tok = load_model(h.path("sft"), h.device)
         ref, _ = load_model(h.path("sft"), h.device)
-        rm = load_reward_model(h.path("rm") / "rm").to(h.device).eval()
+        rm = load_reward_model(h.path("arm/rm") / "rm").to(h.device).eval()
         if kind == "ppogt":  # the explicitly named upper-bound arm: PPO on the gold reward itself
             def reward_fn(prompt_ids, completion_ids):
                 texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
@@ -104,7 +106,7 @@ def _make_ppo_stage(kind: str, kl_coef: float | None, target_kl: float | None, s
         utils.write_jsonl(out / "train_curve.jsonl", hist)
         utils.atomic_write_json(out / "train_config.json", asdict(cfg))
         phases = {k: sum(r.get(k, 0.0) for r in hist) for k in ("time/generation", "time/reward", "time/ref_value_forward", "time/update")}
-        rm_sum = h.results["rm"].summary
+        rm_sum = h.results["arm/rm"].summary
         last = hist[-1] if hist else {}
         return {"arm": ppo_arm_id(kind, h.cfg, kl_coef, target_kl, seed), "method": {"ppo": "ppo", "sppo": "strong_ppo", "ppogt": "ppo_gt"}[kind],
                 "loss_type": "", "beta": cfg.init_kl_coef, "target_kl": target_kl, "seed": seed, "status": status,
@@ -116,7 +118,7 @@ def _make_ppo_stage(kind: str, kl_coef: float | None, target_kl: float | None, s
 
     key = lambda c: {"ppo": asdict(_ppo_config(c, kind, kl_coef, target_kl, seed)), "kind": kind, "dtype": c.dtype,  # noqa: E731
                      "target": c.task.target if kind == "ppogt" else None}
-    return Stage(f"arm/{ppo_arm_id(kind, None, kl_coef, target_kl, seed)}", ("sft", "prompts", "rm"), key, run)
+    return Stage(f"arm/{ppo_arm_id(kind, None, kl_coef, target_kl, seed)}", ("sft", "prompts", "arm/rm"), key, run)
 
 
 # ------------------------------------------------------------------------------------------------ Preferred-FT
@@ -174,7 +176,7 @@ def _make_bon_eval_stage(n: int) -> Stage:
 
         e = h.cfg.eval
         model, tok = load_model(h.path("sft"), h.device)
-        rm = load_reward_model(h.path("rm") / "rm").to(h.device).eval()
+        rm = load_reward_model(h.path("arm/rm") / "rm").to(h.device).eval()
         reward_fn = make_reward_fn(rm, pad_id=tok.pad_token_id, autocast=h.autocast())
         prompts = load_prompts(h, "eval")
         rows, gen_s = [], 0.0
@@ -197,7 +199,7 @@ def _make_bon_eval_stage(n: int) -> Stage:
                 "new_tokens": res.tokens_generated * len(e.temperatures), "kl_analytic": best_of_n_kl(n)}
 
     key = lambda c: {"eval": asdict(c.eval), "n": n, "target": c.task.target, "dtype": c.dtype}  # noqa: E731
-    return Stage(f"eval/{arm}", ("sft", "prompts", "rm"), key, run)
+    return Stage(f"eval/{arm}", ("sft", "prompts", "arm/rm"), key, run)
 
 
 # ------------------------------------------------------------------------------------------------ registry
@@ -206,7 +208,7 @@ def rlhf_stages(c: SuiteConfig) -> tuple[dict[str, Stage], list[str], list[str]]
     if c.rlhf is None:
         return {}, [], []
     r = c.rlhf
-    stages = {"rm": Stage("rm", ("sft", "prefs", "prompts"), lambda c: {"rm": asdict(c.rlhf.rm), "dtype": c.dtype,
+    stages = {"arm/rm": Stage("arm/rm", ("sft", "prefs", "prompts"), lambda c: {"rm": asdict(c.rlhf.rm), "dtype": c.dtype,
                           "heldout": c.dpo.heldout_pairs_fraction if c.dpo else 0.1, "eval_max_new": c.eval.max_new_tokens}, _rm)}
     trained: list[str] = []
     grid = [(k, None) for k in r.kl_coefs] + [(None, t) for t in r.target_kls]

@@ -1,6 +1,7 @@
 """End to end on a tiny configuration: base -> SFT -> prompts -> pairs, offline, then a cached re-run."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +12,11 @@ from benchmarks.tasks import corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "task.corpus.max_docs_per_source=3000", "task.n_train_prompts=64", "task.n_eval_prompts=32",
+    "task.corpus.max_docs_per_source=3000", "task.n_train_prompts=160", "task.n_eval_prompts=32",
     "tokenizer.vocab_size=512", "base.hidden_size=32", "base.intermediate_size=64", "base.train.steps=30",
-    "base.train.batch_size=8", "sft.steps=10", "sft.batch_size=8", "prefs.max_new_tokens=8",
-    "dpo.epochs=1", "dpo.batch_size=8", "eval.max_new_tokens=8",
+    "base.train.batch_size=8", "sft.steps=10", "sft.batch_size=8", "prefs.max_new_tokens=12", "dpo.heldout_pairs_fraction=0.3",
+    "dpo.epochs=1", "dpo.batch_size=8", "eval.max_new_tokens=8", "rlhf.rm.epochs=1", "rlhf.ppo.iterations=2",
+    "rlhf.ppo.rollout_batch_size=16", "rlhf.ppo.minibatch_size=8", "rlhf.ppo.max_new_tokens=8", "rlhf.preferred_ft_steps=5",
 ]
 FOUNDATION = ["[    data]", "[    base]", "[     sft]", "[ prompts]", "[   prefs]"]
 
@@ -39,9 +41,13 @@ def test_foundation_runs_offline_and_reuses_cache(tmp_path):
     idx = json.loads((tmp_path / "runs" / "smoke" / "stages.json").read_text())
     summary = json.loads((tmp_path / "runs" / "smoke" / "summary.json").read_text())
     arms = {a["arm"]: a for a in summary["arms"]}
-    assert set(arms) == {"sft", "dpo-sigmoid-b0.1-s0", "trl-sigmoid-b0.1-s0"} and not summary["failed_arms"]
+    assert set(arms) == {"sft", "dpo-sigmoid-b0.1-s0", "trl-sigmoid-b0.1-s0", "ppo-kl0.05-s0", "ppogt-kl0.05-s0",
+                         "pft-s0", "bon-n4"}, summary["failed_arms"]
+    assert not summary["failed_arms"]
+    assert arms["bon-n4"]["kl"] == pytest.approx(math.log(4) - 3 / 4)  # analytic best-of-N KL
+    assert 0 <= arms["ppo-kl0.05-s0"]["rm_accuracy"] <= 1  # the RM's accuracy sits beside PPO's numbers
     assert arms["sft"]["kl"] == 0.0 and arms["sft"]["win_vs_sft"] == 0.5  # the reference against itself
-    assert arms["dpo-sigmoid-b0.1-s0"]["kl"] > 0
+    assert arms["dpo-sigmoid-b0.1-s0"]["kl"] != 0.0  # trained weights differ from pi_ref
     assert summary["provenance"]["torch"] and (tmp_path / "runs" / "smoke" / "samples.parquet").exists()
     pairs = datasets.load_from_disk(idx["stages"]["prefs"]["path"] + "/pairs")
     assert {"prompt", "chosen", "rejected", "score_chosen", "score_rejected", "ref_chosen_logps",
