@@ -6,10 +6,14 @@ SUITE ?= default
 STAMP := $(VENV)/.setup-stamp
 ARGS  ?=
 
-.PHONY: help setup bench test lint check clean-cache perf-dpo
+.PHONY: help setup bench test lint check baseline report clean-cache perf-dpo
 help:
 	@echo "make bench [SUITE=default|smoke]  run a suite end to end (set-up on first use)"
 	@echo "make test                         run the test suite (set-up on first use)"
+	@echo "make check                        smoke suite + regression gate vs results/baseline/"
+	@echo "make baseline                     refresh results/baseline/ (deliberately)"
+	@echo "make report [SUITE=...]           HTML report + figures of the last run"
+	@echo "make perf-dpo                     DPO speed benchmark vs TRL"
 	@echo "make lint                         ruff"
 
 # Set-up runs only when pyproject.toml changed or the venv is missing (a stamp file).
@@ -20,6 +24,23 @@ $(STAMP): pyproject.toml .ci/setup.sh
 
 bench: $(STAMP)
 	$(PY) -m benchmarks run --suite $(SUITE) $(ARGS)
+	$(PY) -m benchmarks report --suite $(SUITE)
+
+# HTML report + paper figures of the last run of SUITE
+report: $(STAMP)
+	$(PY) -m benchmarks report --suite $(SUITE)
+
+# Regression gate: the smoke suite's metrics (and the ours/TRL step-time ratio) against results/baseline/
+check: $(STAMP)
+	$(PY) -m benchmarks run --suite smoke
+	$(PY) -m benchmarks.perf.dpo_vs_trl --repeats 2 --out results/perf/dpo_vs_trl.json
+	$(PY) -m benchmarks check --run results/runs/smoke --baseline results/baseline/smoke.json --perf results/perf/dpo_vs_trl.json
+
+# Refresh the committed baseline deliberately (then commit results/baseline/)
+baseline: $(STAMP)
+	$(PY) -m benchmarks run --suite smoke
+	$(PY) -m benchmarks.perf.dpo_vs_trl --repeats 3 --out results/perf/dpo_vs_trl.json
+	$(PY) -m benchmarks baseline --run results/runs/smoke --baseline results/baseline/smoke.json --perf results/perf/dpo_vs_trl.json
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(ARGS)

@@ -33,7 +33,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stages", help="list stages and cache folders")
     _common(p)
     sub.add_parser("suites", help="list suites")
+    p = sub.add_parser("check", help="regression gate: compare a run's summary with results/baseline/")
+    p.add_argument("--run", default="results/runs/smoke", help="run folder with summary.json")
+    p.add_argument("--baseline", default="results/baseline/smoke.json")
+    p.add_argument("--perf", default="results/perf/dpo_vs_trl.json", help="speed benchmark JSON (optional)")
+    p = sub.add_parser("baseline", help="write results/baseline/ from a run (deliberately)")
+    p.add_argument("--run", default="results/runs/smoke")
+    p.add_argument("--baseline", default="results/baseline/smoke.json")
+    p.add_argument("--perf", default="results/perf/dpo_vs_trl.json")
+    p = sub.add_parser("report", help="build the HTML report and figures of a run")
+    p.add_argument("--run", default=None, help="run folder (default: results/runs/<suite>)")
+    p.add_argument("--suite", default="default")
     return ap
+
+
+def _gate(args) -> int:
+    from pathlib import Path
+
+    from benchmarks import regression, utils
+
+    run = Path(args.run) / "summary.json"
+    perf_path = Path(args.perf)
+    perf = regression.load(perf_path) if perf_path.exists() else None
+    if args.cmd == "baseline":
+        base = regression.compact(regression.load(run), perf)
+        utils.atomic_write_json(Path(args.baseline), base)
+        print(f"prefbench: baseline written to {args.baseline} ({len(base['arms'])} arms"
+              f"{', perf ratio' if 'perf' in base else ''})")
+        return 0
+    rows, ok = regression.compare(regression.load(run), regression.load(Path(args.baseline)), perf)
+    print(regression.format_table(rows))
+    print(f"\nprefbench check: {'PASSED' if ok else 'FAILED: a metric left its band (see REGRESSION rows)'}")
+    return 0 if ok else 1
 
 
 def _stage_registry(cfg):
@@ -48,6 +79,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "suites":
             print("\n".join(available_suites()))
             return 0
+        if args.cmd in ("check", "baseline"):
+            return _gate(args)
+        if args.cmd == "report":
+            from pathlib import Path
+
+            from benchmarks.report.html import main as report_main
+
+            run = args.run or str(Path(load_suite(args.suite).runs_dir) / args.suite)
+            return report_main(["--run", run])
         cfg = load_suite(args.suite, args.overrides)
         if args.cmd == "config":
             print(to_yaml(cfg), end="")

@@ -71,9 +71,18 @@ def collect(h, run_dir: Path) -> dict:
     from benchmarks.harness import provenance
 
     failed = dict(getattr(h, "failed", {}))
+    from benchmarks.evaluators.diagnostics import run_diagnostics
+
+    curves = {}
+    for n, r in res.items():
+        if n.startswith("arm/") and (r.path / "train_curve.jsonl").exists():
+            curves[n[4:]] = utils.read_jsonl(r.path / "train_curve.jsonl")
+    t_main = 1.0 if (summary.temperature == 1.0).any() else summary.temperature.max()
+    diags = run_diagnostics(summary[summary.temperature == t_main].to_dict("records"), curves)
     out = {"suite": h.cfg.name, "provenance": provenance(h.device, h.cfg.dtype), "seeds": h.cfg.seeds,
            "noise_floor": NOISE, "arms": summary.replace({np.nan: None}).to_dict("records"),
-           "by_config": by_config.replace({np.nan: None}).to_dict("records"), "failed_arms": failed}
+           "by_config": by_config.replace({np.nan: None}).to_dict("records"), "failed_arms": failed,
+           "diagnostics": diags}
     utils.atomic_write_json(run_dir / "summary.json", out)
     return out
 

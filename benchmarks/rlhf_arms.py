@@ -91,6 +91,14 @@ def _make_ppo_stage(kind: str, kl_coef: float | None, target_kl: float | None, s
                 return torch.tensor(gold_reward(texts, h.cfg.task.target))
         else:
             reward_fn = make_reward_fn(rm, pad_id=tok.pad_token_id, autocast=h.autocast())
+        gold_log: list[float] = []
+        rm_fn = reward_fn
+
+        def reward_fn(prompt_ids, completion_ids):  # noqa: F811 - monitor only: gold is logged, never returned
+            scores = rm_fn(prompt_ids, completion_ids)
+            texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
+            gold_log.append(float(sum(gold_reward(texts, h.cfg.task.target)) / max(1, len(texts))))
+            return scores
         value = value_model_from_reward_model(rm) if cfg.value_model == "separate" else None
         prompts = [p["prompt_ids"] for p in load_prompts(h, "train")]
         tr = PPOTrainer(policy, ref, reward_fn, value, tok, prompts, cfg, h.device, autocast=h.autocast())
@@ -101,6 +109,8 @@ def _make_ppo_stage(kind: str, kl_coef: float | None, target_kl: float | None, s
         except KLBlowupError as e:
             hist, status = tr.history, f"stopped: {e}"
         train_s = t.elapsed
+        for rec, g in zip(hist, gold_log, strict=False):  # one reward_fn call per iteration: gold of those rollouts
+            rec["objective/gold"] = g
         policy.save_pretrained(out / "model")
         tok.save_pretrained(out / "model")
         utils.write_jsonl(out / "train_curve.jsonl", hist)
@@ -118,7 +128,7 @@ def _make_ppo_stage(kind: str, kl_coef: float | None, target_kl: float | None, s
 
     key = lambda c: {"ppo": asdict(_ppo_config(c, kind, kl_coef, target_kl, seed)), "kind": kind, "dtype": c.dtype,  # noqa: E731
                      "target": c.task.target if kind == "ppogt" else None}
-    return Stage(f"arm/{ppo_arm_id(kind, None, kl_coef, target_kl, seed)}", ("sft", "prompts", "arm/rm"), key, run)
+    return Stage(f"arm/{ppo_arm_id(kind, None, kl_coef, target_kl, seed)}", ("sft", "prompts", "arm/rm"), key, run, version=2)
 
 
 # ------------------------------------------------------------------------------------------------ Preferred-FT
