@@ -103,6 +103,13 @@ class Harness:
         final = self.stage_dir(name)
         t = utils.Timer()
         meta_path = final / "stage.json"
+        with utils.file_lock(final.parent / f".{final.name}.lock"):  # a concurrent run waits, then reuses
+            res = self._run_locked(name, st, final, meta_path, t)
+        self.results[name] = res
+        self.log(res.line())
+        return res
+
+    def _run_locked(self, name: str, st: Stage, final: Path, meta_path: Path, t) -> StageResult:
         if meta_path.exists():
             meta = json.loads(meta_path.read_text())
             res = StageResult(name, self.stage_hash(name), final, True, t.elapsed, None, meta["summary"])
@@ -121,18 +128,16 @@ class Harness:
                         "dtype": self.cfg.dtype, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
                 utils.atomic_write_json(tmp / "stage.json", meta)
             res = StageResult(name, self.stage_hash(name), final, False, wall, peak, summary)
-        self.results[name] = res
-        self.log(res.line())
         return res
 
     @staticmethod
     def _clean_stale_tmp(final: Path) -> None:
+        """Temp folders of a killed run (we hold the stage's lock, so none of them is live)."""
         import shutil
 
         if final.parent.exists():
             for p in final.parent.glob(f".{final.name}.tmp-*"):
-                # a temp folder from a killed run (pid is gone) is garbage; a live one belongs to a concurrent run
-                shutil.rmtree(p, ignore_errors=True) if time.time() - p.stat().st_mtime > 6 * 3600 else None
+                shutil.rmtree(p, ignore_errors=True)
 
     def run(self, targets: list[str], run_dir: Path | None = None) -> dict[str, StageResult]:
         run_dir = run_dir or (self.root / self.cfg.runs_dir / self.cfg.name)

@@ -83,7 +83,34 @@ def collect(h, run_dir: Path) -> dict:
            "noise_floor": NOISE, "arms": summary.replace({np.nan: None}).to_dict("records"),
            "by_config": by_config.replace({np.nan: None}).to_dict("records"), "failed_arms": failed,
            "diagnostics": diags}
+    out["comparisons"] = comparisons(summary[summary.temperature == t_main])
     utils.atomic_write_json(run_dir / "summary.json", out)
+    return out
+
+
+def comparisons(main: pd.DataFrame) -> dict:
+    """DPO vs PPO at matched KL, and the compute-normalised cost of reaching a target gold reward."""
+    from benchmarks.evaluators.stats import prob_a_beats_b_at_matched_kl
+
+    def pts(methods):
+        g = main[main.method.isin(methods)]
+        return [(r.kl, r.gold, (r.gold_high - r.gold_low) / (2 * 1.96)) for r in g.itertuples()]
+
+    out = {"dpo_vs_ppo_at_matched_kl": prob_a_beats_b_at_matched_kl(pts(["dpo"]), pts(["ppo"])),
+           "dpo_vs_best_of_n_at_matched_kl": prob_a_beats_b_at_matched_kl(pts(["dpo"]), pts(["best_of_n"]))}
+    sft = main[main.method == "sft"]
+    trained = main[~main.method.isin(["sft", "best_of_n"])]
+    if len(sft) and len(trained):
+        # target: halfway between the reference and the best non-oracle arm (PPO-GT sees gold: excluded)
+        best = trained[trained.method != "ppo_gt"].gold.max()
+        target = float(sft.gold.iloc[0] + 0.5 * (best - sft.gold.iloc[0]))
+        cost = {}
+        for m, g in trained.groupby("method"):
+            hit = g[g.gold >= target]
+            cost[m] = {"runs_reaching": int(len(hit)), "runs": int(len(g)),
+                       "min_train_s": float(hit.train_s.min()) if len(hit) else None,
+                       "arm": hit.loc[hit.train_s.idxmin(), "arm"] if len(hit) and hit.train_s.notna().any() else None}
+        out["cost_to_target_gold"] = {"target_gold": target, "by_method": cost}
     return out
 
 

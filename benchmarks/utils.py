@@ -70,13 +70,30 @@ def atomic_dir(final: str | Path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
-        if final.exists():  # another process finished the same stage first: keep theirs (same key = same content)
-            shutil.rmtree(tmp)
-        else:
+        try:
             os.replace(tmp, final)
+        except OSError:
+            if not final.exists():
+                raise
+            shutil.rmtree(tmp)  # another process finished the same stage first: keep theirs (same key = same content)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path):
+    """An exclusive advisory lock (fcntl.flock) held for the block; released by the OS if the process dies."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 # ------------------------------------------------------------------------------------------ hashing
