@@ -177,6 +177,9 @@ def _prefs(h: Harness, out: Path) -> dict:
                 rows.append({"prompt_id": prm["prompt_id"], "prompt": prm["prompt"], "chosen": comps[i],
                              "rejected": comps[j], "score_chosen": scores[i], "score_rejected": scores[j]})
         summary["candidate_pairs"] = len(train) * p.samples_per_prompt * (p.samples_per_prompt - 1) // 2
+        uniq = {(r["prompt"], r["chosen"], r["rejected"]): r for r in rows}  # identical samples make identical pairs
+        summary["duplicate_pairs_dropped"] = len(rows) - len(uniq)
+        rows = list(uniq.values())
     else:
         rows = prefs.load_preference_rows(p.source)
         prefs.validate_rows(rows, source=f"prefs.source '{p.source}'")

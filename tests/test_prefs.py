@@ -62,7 +62,7 @@ GOOD = {"prompt": "The day", "chosen": " was lovely.", "rejected": " was awful."
     ],
 )
 def test_malformed_rows_rejected_with_count_and_first_row(row, what):
-    rows = [GOOD, GOOD, row, row]
+    rows = [GOOD, {**GOOD, "chosen": " was grand."}, row, row]
     with pytest.raises(PreferenceDataError) as e:
         validate_rows(rows, source="test.jsonl")
     msg = str(e.value)
@@ -96,3 +96,26 @@ def test_load_local_formats(tmp_path):
         load_preference_rows(str(tmp_path / "broken.jsonl"))
     with pytest.raises(PreferenceDataError, match="does not exist"):
         load_preference_rows(str(tmp_path / "missing.jsonl"))
+
+
+def test_duplicate_rows_rejected():
+    with pytest.raises(PreferenceDataError, match="duplicate"):
+        validate_rows([GOOD, {**GOOD}])
+
+
+# property-based: random malformed rows never escape the validator as anything but PreferenceDataError
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_values = st.one_of(st.none(), st.integers(), st.floats(allow_nan=True), st.text(max_size=8), st.binary(max_size=8),
+                    st.lists(st.text(max_size=3), max_size=2), st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2))
+_rows = st.one_of(_values, st.dictionaries(st.sampled_from(["prompt", "chosen", "rejected", "extra"]), _values, max_size=4))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_rows, max_size=6))
+def test_validator_never_raises_anything_else(rows):
+    try:
+        validate_rows(rows)
+    except PreferenceDataError as e:
+        assert "row" in str(e)

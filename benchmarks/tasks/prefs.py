@@ -65,6 +65,7 @@ def validate_rows(rows: list, *, source: str = "preference data") -> None:
         raise PreferenceDataError(f"{source}: no rows; a preference dataset needs prompt/chosen/rejected rows")
     problems: dict[str, list[int]] = {}
     first: dict[str, int] = {}
+    seen: dict[str, int] = {}
 
     def bad(kind: str, i: int) -> None:
         problems.setdefault(kind, []).append(i)
@@ -83,6 +84,12 @@ def validate_rows(rows: list, *, source: str = "preference data") -> None:
             continue
         if r["chosen"] == r["rejected"]:
             bad("chosen == rejected", i)
+            continue
+        key = json.dumps([r["prompt"], r["chosen"], r["rejected"]], sort_keys=True, default=str)
+        if key in seen:
+            bad("duplicate (prompt, chosen, rejected)", i)
+        else:
+            seen[key] = i
     if problems:
         lines = [f"  - {len(v)} row(s) with {k}; first is row {first[k]}: {_describe(rows[first[k]])}"
                  for k, v in problems.items()]
