@@ -226,7 +226,7 @@ STAGES: dict[str, Stage] = {
                                                                 "n_train_prompts", "n_eval_prompts")} | {"seed": c.seed},
                      _prompts),
     "prefs": Stage("prefs", ("sft", "prompts"), lambda c: {"prefs": asdict(c.prefs), "target": c.task.target,
-                                                           "seed": c.seed, "dtype": c.dtype}, _prefs),
+                                                           "seed": c.seed, "dtype": c.dtype}, _prefs, version=2),
 }
 
 FOUNDATION = ["data", "base", "sft", "prompts", "prefs"]
