@@ -1,0 +1,5 @@
+import sys
+
+from benchmarks.report.html import main
+
+sys.exit(main())
