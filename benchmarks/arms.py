@@ -79,7 +79,7 @@ def _make_dpo_stage(loss_type: str, beta: float, seed: int) -> Stage:
         nan = {"eval/rewards/accuracies": float("nan"), "eval/rewards/margins": float("nan")}
         before = tr.evaluate(held, ref_held) if held else nan
         t = utils.Timer()
-        hist = tr.train()
+        hist = tr.train(checkpoint_path=h.checkpoint_path(f"arm/{dpo_arm_id(loss_type, beta, seed)}"), checkpoint_every=h.cfg.checkpoint_every_steps)
         train_s = t.elapsed
         after = tr.evaluate(held, ref_held) if held else nan
         policy.save_pretrained(out / "model")

@@ -285,11 +285,17 @@ class SuiteConfig:
     """Where stage artefacts live, keyed by a hash of their resolved config and inputs."""
     runs_dir: str = "results/runs"
     """Where each suite run writes its resolved config and summary."""
+    checkpoint_every_steps: int = 25
+    """DPO: save a resumable checkpoint every this many optimiser steps (a killed run resumes from it)."""
+    checkpoint_every_iterations: int = 5
+    """PPO: save a resumable checkpoint every this many iterations."""
 
     def validate(self, key: str = "") -> None:
         _check(bool(self.name.strip()), "name", "give the suite a name")
         _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         _check(self.threads >= 0, "threads", "must be >= 0 (0 = default)")
+        _check(self.checkpoint_every_steps >= 1, "checkpoint_every_steps", "must be >= 1")
+        _check(self.checkpoint_every_iterations >= 1, "checkpoint_every_iterations", "must be >= 1")
         _check(len(self.seeds) > 0 and all(x >= 0 for x in self.seeds), "seeds", "give one or more seeds >= 0")
         _check(len(set(self.seeds)) == len(self.seeds), "seeds", f"duplicate seeds in {self.seeds}")
         for sub in self.task.corpus.task_sources:

@@ -85,6 +85,11 @@ class Harness:
         """Folder of a finished upstream stage (runs it if needed)."""
         return self.run_stage(name).path
 
+    def checkpoint_path(self, name: str) -> Path:
+        """Where a training stage keeps its resumable checkpoint (outside the stage's temp folder, so a killed
+        run finds it again); removed once the stage has finished."""
+        return self.cache_dir / "ckpt" / f"{name.replace('/', '__')}-{self.stage_hash(name)}.pt"
+
     def autocast(self):
         return utils.autocast_ctx(self.device, self.cfg.dtype)
 
@@ -128,6 +133,7 @@ class Harness:
                         "dtype": self.cfg.dtype, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
                 utils.atomic_write_json(tmp / "stage.json", meta)
             res = StageResult(name, self.stage_hash(name), final, False, wall, peak, summary)
+            self.checkpoint_path(name).unlink(missing_ok=True)
         return res
 
     @staticmethod

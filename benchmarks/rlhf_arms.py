@@ -105,12 +105,11 @@ def _make_ppo_stage(kind: str, kl_coef: float | None, target_kl: float | None, s
         t = utils.Timer()
         status = "ok"
         try:
-            hist = tr.train()
+            hist = tr.train(on_log=lambda rec: rec.__setitem__("objective/gold", gold_log[-1]), checkpoint_path=h.checkpoint_path(f"arm/{ppo_arm_id(kind, None, kl_coef, target_kl, seed)}"),
+                            checkpoint_every=h.cfg.checkpoint_every_iterations)
         except KLBlowupError as e:
             hist, status = tr.history, f"stopped: {e}"
         train_s = t.elapsed
-        for rec, g in zip(hist, gold_log, strict=False):  # one reward_fn call per iteration: gold of those rollouts
-            rec["objective/gold"] = g
         policy.save_pretrained(out / "model")
         tok.save_pretrained(out / "model")
         utils.write_jsonl(out / "train_curve.jsonl", hist)

@@ -64,3 +64,29 @@ def test_two_runs_at_once_do_not_corrupt_each_other(tmp_path):
     n_done = sum(o[0].count("done in") for o in outs)
     n_cached = sum(o[0].count("cached (") for o in outs)
     assert n_cached >= n_done - 2
+
+
+def test_killed_run_resumes_to_the_same_summary(tmp_path):
+    """SIGKILL the suite at several points (after pairs exist, mid-DPO / mid-PPO training with a checkpoint on
+    disk, after the reference's evaluation), re-run the same command: same summary as an uninterrupted run."""
+    import time
+
+    ref = _run(tmp_path / "ref", tmp_path / "rref")
+    cache, runs = tmp_path / "k", tmp_path / "rk"
+    extra = ("checkpoint_every_steps=1", "checkpoint_every_iterations=1")
+    killed_at = []
+    for pattern in ("prefs/*/stage.json", "ckpt/arm__dpo*.pt", "ckpt/arm__ppo*.pt", "eval/sft/*/stage.json"):
+        p = subprocess.Popen(_cmd(cache, runs, *extra), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        t0 = time.time()
+        while p.poll() is None and not list(cache.glob(pattern)) and time.time() - t0 < 300:
+            time.sleep(0.02)
+        if p.poll() is None:
+            p.kill()  # SIGKILL: no cleanup handlers run
+            killed_at.append(pattern)
+        p.wait()
+    assert len(killed_at) >= 2, killed_at  # the run really was interrupted
+    final = _run(cache, runs, *extra)
+    metrics = [c for c in ref.columns if c not in TIMING]
+    pd.testing.assert_frame_equal(final[metrics], ref[metrics], check_exact=True)
+    assert not list((cache / "ckpt").glob("*.pt"))  # finished stages removed their checkpoints

@@ -5,19 +5,24 @@
 * chosen and rejected go through one forward (padded concatenation, or the packed prompt-sharing layout);
 * gradient accumulation is exactly a big batch (per-micro-batch losses summed / pairs per step);
 * warm-up + schedule (transformers' schedulers), RMSprop (the paper) or AdamW, grad clipping, bf16/fp16
-  autocast where the device supports it; works under ``accelerate launch`` (the Accelerator wraps it).
+  autocast where the device supports it; works under ``accelerate launch`` (the Accelerator wraps it);
+* resumable: ``train(checkpoint_path=..., checkpoint_every=n)`` writes an atomic checkpoint (model, optimiser,
+  scheduler, step = data position, counters, history, RNG states) every n steps and, started again after a
+  kill, continues from it on exactly the batches an uninterrupted run would have used.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from methods.data import tokenize_prompt_completions, truncate
@@ -150,6 +155,61 @@ def cached_reference_logps(cache_file: Path | None, compute: Callable[[], dict])
     return ref, False
 
 
+# ------------------------------------------------------------------------------------------------ checkpoints
+def rng_state() -> dict:
+    """torch (CPU and CUDA), python ``random`` and numpy global RNG states, as tensors/builtins only (so a
+    checkpoint loads with ``torch.load(weights_only=True)``)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    st = {"torch": torch.get_rng_state(), "python": random.getstate(),
+          "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    """Restore what ``rng_state`` returned."""
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["python"])
+    name, keys, pos, has_gauss, cached = st["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in st and torch.cuda.is_available() and len(st["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """``torch.save`` to a temporary file in ``path``'s folder, fsync, then ``os.replace``: a kill or an error
+    at any point leaves either the previous file or the new one, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{random.Random().getrandbits(32):08x}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable (POSIX; not possible everywhere)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def check_same_config(saved: dict, current: dict, what: str, ignore: tuple[str, ...] = ()) -> None:
+    """Refuse to resume a checkpoint written under another configuration (keys in ``ignore`` may differ)."""
+    diff = sorted(k for k in saved.keys() | current.keys() if k not in ignore and saved.get(k) != current.get(k))
+    if diff:
+        raise ValueError(f"{what} checkpoint was written with a different configuration ({', '.join(diff)}: "
+                         f"{[saved.get(k) for k in diff]} vs now {[current.get(k) for k in diff]}); resuming it "
+                         "would not reproduce the run: delete it or restore the configuration")
+
+
 # ------------------------------------------------------------------------------------------------ trainer
 def total_steps_for(n_examples: int, cfg: DPOConfig) -> int:
     return cfg.max_steps or max(1, int(round(cfg.epochs * max(1, n_examples // cfg.batch_size))))
@@ -214,16 +274,64 @@ class DPOTrainer:
         self.device = next(model.parameters()).device
         self.history: list[dict] = []
         self.step = 0
+        """Optimiser steps done = the data position (batch ``step`` of ``example_order`` is next)."""
+        self.counters = {"examples_seen": 0, "tokens_seen": 0, "wall_s": 0.0}
+        """Running totals after ``step`` steps (checkpointed, so the logs of a resumed run continue them)."""
 
     def _order(self) -> list[int]:
         return example_order(len(self.examples), self.cfg, self.total_steps)
 
-    def train(self, on_log: Callable[[dict], None] | None = None, stop: Callable[[], bool] | None = None) -> list[dict]:
+    def _unwrapped(self):
+        return self.accelerator.unwrap_model(self.model) if self.accelerator is not None else self.model
+
+    # -------------------------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to end with the same numbers as an uninterrupted one."""
+        return {"model": self._unwrapped().state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "step": self.step, "history": list(self.history),
+                "counters": dict(self.counters), "rng": rng_state(), "config": config_dict(self.cfg),
+                "n_examples": len(self.examples), "total_steps": self.total_steps}
+
+    def load_state_dict(self, d: dict) -> None:
+        check_same_config(d["config"], config_dict(self.cfg), "DPO", ignore=("log_every",))
+        if d["n_examples"] != len(self.examples) or d["total_steps"] != self.total_steps:
+            raise ValueError(f"DPO checkpoint is for {d['n_examples']} pairs / {d['total_steps']} steps, this trainer "
+                             f"has {len(self.examples)} / {self.total_steps}: the data differ")
+        self._unwrapped().load_state_dict(d["model"])
+        self.opt.load_state_dict(d["optimizer"])
+        self.sched.load_state_dict(d["scheduler"])
+        self.step = int(d["step"])
+        self.history = list(d["history"])
+        self.counters = dict(d["counters"])
+        set_rng_state(d["rng"])
+
+    def save_checkpoint(self, path: Path) -> None:
+        """Write ``state_dict()`` atomically to ``path`` (main process only under accelerate)."""
+        if self.accelerator is None or self.accelerator.is_main_process:
+            atomic_torch_save(self.state_dict(), Path(path))
+
+    def load_checkpoint(self, path: Path) -> bool:
+        """Load a checkpoint written by ``save_checkpoint``; False (nothing changed) if there is none."""
+        path = Path(path)
+        if not path.exists():
+            return False
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return True
+
+    # -------------------------------------------------------------------------------------------- loop
+    def train(self, on_log: Callable[[dict], None] | None = None, stop: Callable[[], bool] | None = None,
+              checkpoint_path: Path | None = None, checkpoint_every: int = 0) -> list[dict]:
+        """Train to ``total_steps``. With ``checkpoint_path``: resume from it if it exists, and write it every
+        ``checkpoint_every`` optimiser steps (0 = only at the end) and after the last step."""
+        if checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
+        if checkpoint_path is not None:
+            self.load_checkpoint(checkpoint_path)
         cfg, model = self.cfg, self.model
         model.train()
         order = self._order()
-        seen = tokens = 0
-        t0 = time.perf_counter()
+        seen, tokens = int(self.counters["examples_seen"]), int(self.counters["tokens_seen"])
+        t0 = time.perf_counter() - float(self.counters["wall_s"])  # wall_s of a resumed run: summed over runs
         while self.step < self.total_steps:
             step_idx = order[self.step * cfg.batch_size : (self.step + 1) * cfg.batch_size]
             self.opt.zero_grad(set_to_none=True)
@@ -260,6 +368,10 @@ class DPOTrainer:
                 self.history.append(rec)
                 if on_log:
                     on_log(rec)
+            self.counters = {"examples_seen": seen, "tokens_seen": tokens, "wall_s": time.perf_counter() - t0}
+            if checkpoint_path is not None and (
+                    self.step == self.total_steps or (checkpoint_every and self.step % checkpoint_every == 0)):
+                self.save_checkpoint(checkpoint_path)
             if stop is not None and stop():
                 break
         model.eval()

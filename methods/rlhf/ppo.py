@@ -16,6 +16,11 @@ One iteration (= one rollout batch):
                 loss, grad clipping; optional early stop of the epochs when approx KL > kl_stop
   6. controller adaptive or fixed KL coefficient update; EMA reference update (Strong-PPO) if configured
 
+Resumable: ``train(checkpoint_path=..., checkpoint_every=n)`` writes an atomic checkpoint (policy, value
+parameters, optimiser, KL coefficient, reward-normalisation statistics, prompt order position, counters, EMA
+reference, history, RNG states) every n iterations; started again after a kill, the run continues from it and
+ends with the numbers of an uninterrupted run (rollout seeds depend only on (seed, iteration, prompt, slot)).
+
 Completions handed to ``reward_fn`` and trained on are the generated token ids *including* the EOS token when
 the sample ended with one (the sequence DPO and the RM see: text + EOS); decode with
 ``skip_special_tokens=True`` for text rewards. Dropout is left off throughout (models in eval mode, gradients
@@ -33,16 +38,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import math
 import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from methods.data import collate
+from methods.dpo.trainer import atomic_torch_save, check_same_config, rng_state, set_rng_state
 from methods.logprobs import token_logps
 from methods.rlhf import ppo_core
 from methods.rlhf.ppo_core import (
@@ -389,8 +397,71 @@ class PPOTrainer:
             self.policy.load_state_dict(self.last_good_state)
             self._value_module().load_state_dict(self.last_good_value_state)
 
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def _prompts_digest(self) -> str:
+        return hashlib.sha256(repr(self.prompts).encode()).hexdigest()
+
+    def state_dict(self) -> dict:
+        """Everything that affects later iterations (not ``last_good_state`` / ``last_rollout``)."""
+        return {
+            "policy": self.policy.state_dict(),
+            "value": self._value_module().state_dict(),
+            "ref_model": self.ref_model.state_dict() if self.cfg.ema_ref_decay is not None else None,
+            "optimizer": self.opt.state_dict(),
+            "kl_coef": float(self.kl_ctl.value),
+            "norm": {"n": self._norm.n, "mean": self._norm.mean, "m2": self._norm.m2},
+            "norm_frozen": self._norm_frozen,
+            "perms": {int(e): torch.from_numpy(np.asarray(pm)) for e, pm in self._perms.items()},
+            "iteration": self.iteration,
+            "episodes_seen": self.episodes_seen,
+            "tokens_seen": self.tokens_seen,
+            "history": list(self.history),
+            "rng": rng_state(),
+            "config": config_dict(self.cfg),
+            "prompts_sha256": self._prompts_digest(),
+        }
+
+    def load_state_dict(self, d: dict) -> None:
+        check_same_config(d["config"], config_dict(self.cfg), "PPO")
+        if d["prompts_sha256"] != self._prompts_digest():
+            raise ValueError("PPO checkpoint was written for other prompts: resuming it would not reproduce the run")
+        self.policy.load_state_dict(d["policy"])
+        self._value_module().load_state_dict(d["value"])
+        if d["ref_model"] is not None:
+            self.ref_model.load_state_dict(d["ref_model"])
+        self.opt.load_state_dict(d["optimizer"])
+        self.kl_ctl.value = float(d["kl_coef"])
+        self._norm.n, self._norm.mean, self._norm.m2 = int(d["norm"]["n"]), float(d["norm"]["mean"]), float(d["norm"]["m2"])
+        nf = d["norm_frozen"]
+        self._norm_frozen = None if nf is None else (float(nf[0]), float(nf[1]))
+        self._perms = {int(e): pm.numpy() for e, pm in d["perms"].items()}
+        self.iteration = int(d["iteration"])
+        self.episodes_seen = int(d["episodes_seen"])
+        self.tokens_seen = int(d["tokens_seen"])
+        self.history = list(d["history"])
+        set_rng_state(d["rng"])
+
+    def save_checkpoint(self, path: Path) -> None:
+        """Write ``state_dict()`` atomically to ``path`` (temporary file in the same folder + os.replace)."""
+        atomic_torch_save(self.state_dict(), Path(path))
+
+    def load_checkpoint(self, path: Path) -> bool:
+        """Load a checkpoint written by ``save_checkpoint``; False (nothing changed) if there is none."""
+        path = Path(path)
+        if not path.exists():
+            return False
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return True
+
     # ----------------------------------------------------------------------------------------- loop
-    def train(self, on_log: Callable[[dict], None] | None = None, stop: Callable[[], bool] | None = None) -> list[dict]:
+    def train(self, on_log: Callable[[dict], None] | None = None, stop: Callable[[], bool] | None = None,
+              checkpoint_path: Path | None = None, checkpoint_every: int = 0) -> list[dict]:
+        """Run to ``cfg.iterations``. With ``checkpoint_path``: resume from it if it exists, and write it every
+        ``checkpoint_every`` iterations (0 = only at the end) and after the last iteration."""
+        if checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
+        if checkpoint_path is not None:
+            self.load_checkpoint(checkpoint_path)
         while self.iteration < self.cfg.iterations:
             it = self.iteration + 1
             self._snapshot(it)
@@ -405,6 +476,9 @@ class PPOTrainer:
             self.history.append(rec)
             if on_log:
                 on_log(rec)
+            if checkpoint_path is not None and (
+                    it == self.cfg.iterations or (checkpoint_every and it % checkpoint_every == 0)):
+                self.save_checkpoint(checkpoint_path)
             if stop is not None and stop():
                 break
         return self.history
