@@ -95,7 +95,7 @@ def _make_dpo_stage(loss_type: str, beta: float, seed: int) -> Stage:
                 "final": {k: v for k, v in hist[-1].items() if "/" in k or k == "loss"}}
 
     key = lambda c: {"dpo": asdict(c.dpo), "loss_type": loss_type, "beta": beta, "seed": seed, "dtype": c.dtype}  # noqa: E731
-    return Stage(f"arm/{dpo_arm_id(loss_type, beta, seed)}", ("sft", "prefs"), key, run)
+    return Stage(f"arm/{dpo_arm_id(loss_type, beta, seed)}", ("sft", "prefs"), key, run, version=2)
 
 
 def _make_trl_stage(loss_type: str, beta: float, seed: int) -> Stage:

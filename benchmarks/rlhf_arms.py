@@ -69,8 +69,9 @@ def _ppo_config(c: SuiteConfig, kind: str, kl_coef: float | None, target_kl: flo
         kw["init_kl_coef"] = kl_coef
     kw["target_kl"] = target_kl
     if kind == "sppo":  # Xu et al. 2024: large batch, advantage normalisation, EMA reference
+        # the same episode budget as paper PPO (4x the batch, 1/4 of the iterations): identical budgets
         kw.update(rollout_batch_size=base.rollout_batch_size * 4, minibatch_size=base.minibatch_size * 4,
-                  whiten_advantages=True, ema_ref_decay=c.rlhf.strong_ema_decay)
+                  iterations=max(1, base.iterations // 4), whiten_advantages=True, ema_ref_decay=c.rlhf.strong_ema_decay)
     return dataclasses.replace(base, **kw)
 
 

@@ -389,7 +389,7 @@ class DPOTrainer:
                 lo, rc, rr, _, _ = dpo_step_loss(self.model, b, ref_logps, idx, self.cfg)
             rcs.append(rc.float().cpu()), rrs.append(rr.float().cpu()), losses.append(lo.float().cpu())
         rc, rr = torch.cat(rcs), torch.cat(rrs)
-        return {"eval/loss": torch.cat(losses).mean().item(), "eval/rewards/accuracies": (rc > rr).float().mean().item(),
+        return {"eval/loss": torch.cat(losses).mean().item(), "eval/rewards/accuracies": ((rc > rr).float() + 0.5 * (rc == rr).float()).mean().item(),  # ties = 1/2
                 "eval/rewards/margins": (rc - rr).mean().item()}
 
 
