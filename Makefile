@@ -6,7 +6,7 @@ SUITE ?= default
 STAMP := $(VENV)/.setup-stamp
 ARGS  ?=
 
-.PHONY: help setup bench test lint check baseline report clean-cache perf-dpo
+.PHONY: help setup bench bench-gpu test lint check baseline report clean-cache perf-dpo
 help:
 	@echo "make bench [SUITE=default|smoke]  run a suite end to end (set-up on first use)"
 	@echo "make test                         run the test suite (set-up on first use)"
@@ -25,6 +25,11 @@ $(STAMP): pyproject.toml .ci/setup.sh
 bench: $(STAMP)
 	$(PY) -m benchmarks run --suite $(SUITE) $(ARGS)
 	$(PY) -m benchmarks report --suite $(SUITE)
+
+# The smoke suite in bf16 on CUDA (needs a GPU; per-stage CUDA peak memory lands in stages.json)
+bench-gpu: $(STAMP)
+	$(PY) -m benchmarks run --suite smoke --set device=cuda --set dtype=bfloat16 --set runs_dir=results/runs-gpu --set cache_dir=results/cache-gpu
+	$(PY) -m benchmarks report --run results/runs-gpu/smoke
 
 # HTML report + paper figures of the last run of SUITE
 report: $(STAMP)

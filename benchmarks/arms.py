@@ -150,7 +150,7 @@ def _make_eval_stage(arm: str) -> Stage:
         prompts = load_prompts(h, "eval")
         utils.reset_peak_rss()
         rows, timing = generate_eval_samples(model, ref, tok, prompts, temperatures=e.temperatures, n=e.samples_per_prompt,
-                                             max_new_tokens=e.max_new_tokens, seed=e.seed, target=h.cfg.task.target,
+                                             max_new_tokens=e.max_new_tokens, seed=e.seed, target=h.cfg.task.target, gold=h.cfg.task.gold,
                                              autocast=h.autocast())
         df = pd.DataFrame(rows)
         df.insert(0, "arm", arm)
@@ -161,7 +161,7 @@ def _make_eval_stage(arm: str) -> Stage:
                                 "seq_kl_mean": float(g.seq_kl.mean()), "length_mean": float(g.length.mean())}
         return {"arm": arm, "samples": len(df), "by_temperature": by_t, **timing}
 
-    key = lambda c: {"eval": asdict(c.eval), "target": c.task.target, "dtype": c.dtype}  # noqa: E731
+    key = lambda c: {"eval": asdict(c.eval), "target": c.task.target, "gold": c.task.gold, "dtype": c.dtype}  # noqa: E731
     deps = (src, "sft", "prompts") if src != "sft" else ("sft", "prompts")
     return Stage(f"eval/{arm}", deps, key, run)
 
@@ -181,7 +181,7 @@ def _evalref(h: Harness, out: Path) -> dict:
                             max_new_tokens=h.cfg.eval.max_new_tokens, seed=h.cfg.seed + 99)
     rows = []
     for p, comps in zip(prompts, texts, strict=True):
-        g = gold_reward(comps, h.cfg.task.target)
+        g = gold_reward(comps, h.cfg.task.target, h.cfg.task.gold)
         best = max(range(k), key=lambda i: g[i])
         rows.append({"prompt_id": p["prompt_id"], "chosen": comps[best], "chosen_gold": g[best]})
     df = pd.DataFrame(rows)
@@ -207,7 +207,7 @@ def build_stages(c: SuiteConfig) -> tuple[dict[str, Stage], list[str]]:
     """All stages of a suite (the foundation plus one train + one eval stage per arm) and the default targets."""
     stages = dict(STAGES)
     stages["evalref"] = Stage("evalref", ("sft", "prompts"), lambda c: {"k": c.prefs.samples_per_prompt,
-                              "T": c.prefs.temperature, "max_new_tokens": c.eval.max_new_tokens, "target": c.task.target,
+                              "T": c.prefs.temperature, "max_new_tokens": c.eval.max_new_tokens, "target": c.task.target, "gold": c.task.gold,
                               "seed": c.seed, "dtype": c.dtype}, _evalref)
     arms = ["sft"]
     if c.dpo is not None:

@@ -64,7 +64,10 @@ class TaskConfig:
     """The task. 'sentiment': the DPO paper's controlled-sentiment generation, gold reward = VADER compound."""
     corpus: CorpusConfig
     target: Literal["positive", "negative"] = "positive"
-    """Which sentiment the gold reward favours ('negative' flips the sign of the VADER score)."""
+    """Which sentiment the gold reward favours ('negative' flips the sign of the gold score)."""
+    gold: str = "vader"
+    """Gold reward: 'vader' (offline lexicon) or 'hf:<sentiment classifier name or path>' (e.g. the paper's
+    'hf:siebert/sentiment-roberta-large-english'; score = 2 P(positive) - 1)."""
     prompt_min_tokens: int = 2
     """Prompts are prefixes of held-out/train documents of between min and max tokens (the paper: 2-8)."""
     prompt_max_tokens: int = 8
@@ -74,6 +77,8 @@ class TaskConfig:
     """Prompts from held-out documents used for every evaluation."""
 
     def validate(self, key: str) -> None:
+        _check(self.gold == "vader" or (self.gold.startswith("hf:") and len(self.gold) > 3), f"{key}.gold",
+               f"must be 'vader' or 'hf:<classifier name or path>', got {self.gold!r}")
         _check(1 <= self.prompt_min_tokens <= self.prompt_max_tokens, f"{key}.prompt_min_tokens",
                f"need 1 <= prompt_min_tokens <= prompt_max_tokens, got {self.prompt_min_tokens}, {self.prompt_max_tokens}")
         _check(self.n_train_prompts >= 1, f"{key}.n_train_prompts", "must be >= 1")

@@ -48,7 +48,7 @@ def _rm(h: Harness, out: Path) -> dict:
     ps = [p["prompt"] for p in prompts for _ in range(2)]
     cs = [c for pair in texts for c in pair]
     scores = rm.score(ps, cs, tokenizer=tok, autocast=h.autocast()).tolist()
-    corr = gold_correlation(scores, gold_reward(cs, h.cfg.task.target))
+    corr = gold_correlation(scores, gold_reward(cs, h.cfg.task.target, h.cfg.task.gold))
     rm.save_pretrained(out / "rm", tokenizer=tok)
     utils.write_jsonl(out / "train_curve.jsonl", hist)
     return {"rm_accuracy": metrics.get("eval/accuracy", float("nan")), "rm_gold_pearson": corr["pearson"], "rm_gold_spearman": corr["spearman"],
@@ -89,7 +89,7 @@ def _make_ppo_stage(kind: str, kl_coef: float | None, target_kl: float | None, s
         if kind == "ppogt":  # the explicitly named upper-bound arm: PPO on the gold reward itself
             def reward_fn(prompt_ids, completion_ids):
                 texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
-                return torch.tensor(gold_reward(texts, h.cfg.task.target))
+                return torch.tensor(gold_reward(texts, h.cfg.task.target, h.cfg.task.gold))
         else:
             reward_fn = make_reward_fn(rm, pad_id=tok.pad_token_id, autocast=h.autocast())
         gold_log: list[float] = []
@@ -98,7 +98,7 @@ def _make_ppo_stage(kind: str, kl_coef: float | None, target_kl: float | None, s
         def reward_fn(prompt_ids, completion_ids):  # noqa: F811 - monitor only: gold is logged, never returned
             scores = rm_fn(prompt_ids, completion_ids)
             texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
-            gold_log.append(float(sum(gold_reward(texts, h.cfg.task.target)) / max(1, len(texts))))
+            gold_log.append(float(sum(gold_reward(texts, h.cfg.task.target, h.cfg.task.gold)) / max(1, len(texts))))
             return scores
         value = value_model_from_reward_model(rm) if cfg.value_model == "separate" else None
         prompts = [p["prompt_ids"] for p in load_prompts(h, "train")]
@@ -127,7 +127,7 @@ def _make_ppo_stage(kind: str, kl_coef: float | None, target_kl: float | None, s
                 "final": {k: v for k, v in last.items() if k.startswith(("objective/", "policy/", "val/"))}}
 
     key = lambda c: {"ppo": asdict(_ppo_config(c, kind, kl_coef, target_kl, seed)), "kind": kind, "dtype": c.dtype,  # noqa: E731
-                     "target": c.task.target if kind == "ppogt" else None}
+                     "target": c.task.target, "gold": c.task.gold}
     return Stage(f"arm/{ppo_arm_id(kind, None, kl_coef, target_kl, seed)}", ("sft", "prompts", "arm/rm"), key, run, version=2)
 
 
@@ -197,7 +197,7 @@ def _make_bon_eval_stage(n: int) -> Stage:
                             return_details=True)
             gen_s += t.elapsed
             texts = tok.batch_decode(res.completions, skip_special_tokens=True)
-            gold = gold_reward(texts, h.cfg.task.target)
+            gold = gold_reward(texts, h.cfg.task.target, h.cfg.task.gold)
             for p, text, g, c in zip(prompts, texts, gold, res.completions, strict=True):
                 rows.append({"prompt_id": p["prompt_id"], "prompt": p["prompt"], "temperature": temp, "sample_index": 0,
                              "completion": text, "gold": g, "policy_logp": float("nan"), "ref_logp": float("nan"),
@@ -208,7 +208,7 @@ def _make_bon_eval_stage(n: int) -> Stage:
         return {"arm": arm, "method": "best_of_n", "beta": float(n), "n": n, "samples": len(df), "generation_s": gen_s,
                 "new_tokens": res.tokens_generated * len(e.temperatures), "kl_analytic": best_of_n_kl(n)}
 
-    key = lambda c: {"eval": asdict(c.eval), "n": n, "target": c.task.target, "dtype": c.dtype}  # noqa: E731
+    key = lambda c: {"eval": asdict(c.eval), "n": n, "target": c.task.target, "gold": c.task.gold, "dtype": c.dtype}  # noqa: E731
     return Stage(f"eval/{arm}", ("sft", "prompts", "arm/rm"), key, run)
 
 
@@ -219,7 +219,8 @@ def rlhf_stages(c: SuiteConfig) -> tuple[dict[str, Stage], list[str], list[str]]
         return {}, [], []
     r = c.rlhf
     stages = {"arm/rm": Stage("arm/rm", ("sft", "prefs", "prompts"), lambda c: {"rm": asdict(c.rlhf.rm), "dtype": c.dtype,
-                          "heldout": c.dpo.heldout_pairs_fraction if c.dpo else 0.1, "eval_max_new": c.eval.max_new_tokens}, _rm)}
+                          "heldout": c.dpo.heldout_pairs_fraction if c.dpo else 0.1, "eval_max_new": c.eval.max_new_tokens,
+                          "gold": c.task.gold}, _rm)}
     trained: list[str] = []
     grid = [(k, None) for k in r.kl_coefs] + [(None, t) for t in r.target_kls]
     if not grid:

@@ -153,7 +153,7 @@ def _prefs(h: Harness, out: Path) -> dict:
     ev = load_prompts(h, "eval")
     ev_texts, _ = sample_texts(h, model, tok, ev, n=1, temperature=1.0, max_new_tokens=p.max_new_tokens,
                                seed=h.cfg.seed + 7)
-    ev_gold = sentiment.gold_reward([x[0] for x in ev_texts], t.target)
+    ev_gold = sentiment.gold_reward([x[0] for x in ev_texts], t.target, t.gold)
     summary["ref_eval_gold_mean"] = statistics.mean(ev_gold)
     summary["ref_eval_gold_sd"] = statistics.pstdev(ev_gold)
     summary["ref_eval_gold_zero_share"] = sum(g == 0 for g in ev_gold) / len(ev_gold)
@@ -166,7 +166,7 @@ def _prefs(h: Harness, out: Path) -> dict:
         rng = random.Random(h.cfg.seed)
         rows = []
         for prm, comps in zip(train, texts, strict=True):
-            scores = sentiment.gold_reward(comps, t.target)
+            scores = sentiment.gold_reward(comps, t.target, t.gold)
             ok = [k for k, c in enumerate(comps) if c.strip()]  # an empty completion cannot be a pair member
             scores_ok = [scores[k] for k in ok]
             for a, b in prefs.form_pairs(scores_ok, labelling=p.labelling, min_gap=p.min_gap,
@@ -225,7 +225,7 @@ STAGES: dict[str, Stage] = {
                      lambda c: {k: getattr(c.task, k) for k in ("prompt_min_tokens", "prompt_max_tokens",
                                                                 "n_train_prompts", "n_eval_prompts")} | {"seed": c.seed},
                      _prompts),
-    "prefs": Stage("prefs", ("sft", "prompts"), lambda c: {"prefs": asdict(c.prefs), "target": c.task.target,
+    "prefs": Stage("prefs", ("sft", "prompts"), lambda c: {"prefs": asdict(c.prefs), "target": c.task.target, "gold": c.task.gold,
                                                            "seed": c.seed, "dtype": c.dtype}, _prefs, version=2),
 }
 

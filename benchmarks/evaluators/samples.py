@@ -21,8 +21,9 @@ def eval_seed(seed: int, prompt_id: str, temperature: float, k: int) -> int:
 
 @torch.no_grad()
 def generate_eval_samples(model, ref_model, tokenizer, prompts: list[dict], *, temperatures: list[float], n: int,
-                          max_new_tokens: int, seed: int, target: str, autocast=None) -> tuple[list[dict], dict]:
+                          max_new_tokens: int, seed: int, target: str, gold: str = "vader", autocast=None) -> tuple[list[dict], dict]:
     """Rows for every (prompt, temperature, sample index) and per-phase timings."""
+    gold_scorer = gold
     rows: list[dict] = []
     timing = {"generation_s": 0.0, "reward_s": 0.0, "logprob_s": 0.0, "new_tokens": 0}
     eos = tokenizer.eos_token_id
@@ -40,7 +41,7 @@ def generate_eval_samples(model, ref_model, tokenizer, prompts: list[dict], *, t
         timing["new_tokens"] += res.tokens_generated
         texts = tokenizer.batch_decode(res.completions, skip_special_tokens=True)
         t = Timer()
-        gold = gold_reward(texts, target)
+        gold = gold_reward(texts, target, gold_scorer)
         timing["reward_s"] += t.elapsed
         # score exactly the sampled tokens (EOS included when the sample ended with it)
         comps = [c + [eos] if ended else c for c, ended in zip(res.completions, res.ended, strict=True)]

@@ -86,12 +86,23 @@ def load_causal_lm(name_or_path: str | Path, *, dtype=torch.float32, local_only:
         tok = AutoTokenizer.from_pretrained(src, local_files_only=local_only)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"model '{src}' has no usable tokenizer: {e}") from None
-    check_tokenizer(tok, src)
+    check_tokenizer(tok, src, model)
     return model, tok
 
 
-def check_tokenizer(tok, src: str = "tokenizer") -> None:
+PAD_FALLBACK = "<|pad|>"
+
+
+def check_tokenizer(tok, src: str = "tokenizer", model=None) -> None:
+    """Completions must end (EOS) and padding must not be EOS: PPO and the reward model mask padding, and EOS
+    as padding would mask the EOS that ends a completion (the N-details pitfall). A model without a distinct
+    pad token (e.g. GPT-2) gets one added and its embeddings resized."""
     if tok.eos_token_id is None:
         raise ModelLoadError(f"{src}: tokenizer has no eos_token; set tokenizer.eos_token (completions must end)")
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        if model is None:
+            raise ModelLoadError(f"{src}: tokenizer has no pad token distinct from EOS; add one (tokenizer.add_special_tokens)")
+        tok.add_special_tokens({"pad_token": PAD_FALLBACK})
+        if len(tok) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tok))
+        model.config.pad_token_id = tok.pad_token_id

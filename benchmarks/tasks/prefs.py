@@ -100,8 +100,23 @@ def validate_rows(rows: list, *, source: str = "preference data") -> None:
         )
 
 
+def with_prompts(rows: list) -> list:
+    """Implicit-prompt datasets (chosen/rejected hold the whole dialogue, e.g. Anthropic HH) get their shared
+    prefix split off as 'prompt' (TRL's extract_prompt); other rows are returned as they are."""
+    if not rows or not all(isinstance(r, dict) and "prompt" not in r and "chosen" in r and "rejected" in r for r in rows):
+        return rows
+    from trl.data_utils import extract_prompt
+
+    return [{**r, **extract_prompt({"chosen": r["chosen"], "rejected": r["rejected"]})} for r in rows]
+
+
 def load_preference_rows(source: str) -> list[dict]:
-    """Rows of a preference dataset: local .json/.jsonl/.parquet, a `save_to_disk` folder, or 'hf:<name>[:split]'."""
+    """Rows of a preference dataset: local .json/.jsonl/.parquet, a `save_to_disk` folder, or 'hf:<name>[:split]'
+    (a hub name, or a local folder in the hub layout). Implicit-prompt rows get their prompt extracted."""
+    return with_prompts(_load_rows(source))
+
+
+def _load_rows(source: str) -> list[dict]:
     import datasets
 
     if source.startswith("hf:"):

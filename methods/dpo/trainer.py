@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from methods.checkpointing import CheckpointMixin, check_same_config, rng_state, set_rng_state
 from methods.data import tokenize_prompt_completions, truncate
 from methods.dpo.batching import PairExample, batch_to, make_batch, pair_logps
 from methods.dpo.losses import preference_loss, simpo_loss, uses_average_logps, validate_dpo_hparams
@@ -155,61 +154,6 @@ def cached_reference_logps(cache_file: Path | None, compute: Callable[[], dict])
     return ref, False
 
 
-# ------------------------------------------------------------------------------------------------ checkpoints
-def rng_state() -> dict:
-    """torch (CPU and CUDA), python ``random`` and numpy global RNG states, as tensors/builtins only (so a
-    checkpoint loads with ``torch.load(weights_only=True)``)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    st = {"torch": torch.get_rng_state(), "python": random.getstate(),
-          "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def set_rng_state(st: dict) -> None:
-    """Restore what ``rng_state`` returned."""
-    torch.set_rng_state(st["torch"])
-    random.setstate(st["python"])
-    name, keys, pos, has_gauss, cached = st["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in st and torch.cuda.is_available() and len(st["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file in ``path``'s folder, fsync, then ``os.replace``: a kill or an error
-    at any point leaves either the previous file or the new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{random.Random().getrandbits(32):08x}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable (POSIX; not possible everywhere)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def check_same_config(saved: dict, current: dict, what: str, ignore: tuple[str, ...] = ()) -> None:
-    """Refuse to resume a checkpoint written under another configuration (keys in ``ignore`` may differ)."""
-    diff = sorted(k for k in saved.keys() | current.keys() if k not in ignore and saved.get(k) != current.get(k))
-    if diff:
-        raise ValueError(f"{what} checkpoint was written with a different configuration ({', '.join(diff)}: "
-                         f"{[saved.get(k) for k in diff]} vs now {[current.get(k) for k in diff]}); resuming it "
-                         "would not reproduce the run: delete it or restore the configuration")
-
-
 # ------------------------------------------------------------------------------------------------ trainer
 def total_steps_for(n_examples: int, cfg: DPOConfig) -> int:
     return cfg.max_steps or max(1, int(round(cfg.epochs * max(1, n_examples // cfg.batch_size))))
@@ -251,7 +195,7 @@ def dpo_step_loss(model, batch, ref: dict[str, torch.Tensor], idx: torch.Tensor,
     return losses, rc, rr, pc.detach(), pr.detach()
 
 
-class DPOTrainer:
+class DPOTrainer(CheckpointMixin):
     def __init__(self, model, examples: list[PairExample], ref_logps: dict[str, torch.Tensor] | None, cfg: DPOConfig,
                  *, pad_id: int, autocast=None, accelerator=None):
         cfg.validate()
@@ -304,19 +248,6 @@ class DPOTrainer:
         self.history = list(d["history"])
         self.counters = dict(d["counters"])
         set_rng_state(d["rng"])
-
-    def save_checkpoint(self, path: Path) -> None:
-        """Write ``state_dict()`` atomically to ``path`` (main process only under accelerate)."""
-        if self.accelerator is None or self.accelerator.is_main_process:
-            atomic_torch_save(self.state_dict(), Path(path))
-
-    def load_checkpoint(self, path: Path) -> bool:
-        """Load a checkpoint written by ``save_checkpoint``; False (nothing changed) if there is none."""
-        path = Path(path)
-        if not path.exists():
-            return False
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return True
 
     # -------------------------------------------------------------------------------------------- loop
     def train(self, on_log: Callable[[dict], None] | None = None, stop: Callable[[], bool] | None = None,

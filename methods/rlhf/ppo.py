@@ -49,8 +49,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from methods.checkpointing import CheckpointMixin, check_same_config, rng_state, set_rng_state
 from methods.data import collate
-from methods.dpo.trainer import atomic_torch_save, check_same_config, rng_state, set_rng_state
 from methods.logprobs import token_logps
 from methods.rlhf import ppo_core
 from methods.rlhf.ppo_core import (
@@ -242,7 +242,7 @@ class _RunningStats:
 
 
 # --------------------------------------------------------------------------------------------- trainer
-class PPOTrainer:
+class PPOTrainer(CheckpointMixin):
     """PPO for a causal-LM policy against a reward callable.
 
     ``policy`` is trained in place (pass a copy of pi_ref); ``ref_model`` is only read (with ``ema_ref_decay``
@@ -440,18 +440,6 @@ class PPOTrainer:
         self.tokens_seen = int(d["tokens_seen"])
         self.history = list(d["history"])
         set_rng_state(d["rng"])
-
-    def save_checkpoint(self, path: Path) -> None:
-        """Write ``state_dict()`` atomically to ``path`` (temporary file in the same folder + os.replace)."""
-        atomic_torch_save(self.state_dict(), Path(path))
-
-    def load_checkpoint(self, path: Path) -> bool:
-        """Load a checkpoint written by ``save_checkpoint``; False (nothing changed) if there is none."""
-        path = Path(path)
-        if not path.exists():
-            return False
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return True
 
     # ----------------------------------------------------------------------------------------- loop
     def train(self, on_log: Callable[[dict], None] | None = None, stop: Callable[[], bool] | None = None,
