@@ -62,6 +62,11 @@ def train_trl_dpo(policy, ref_model, tokenizer, rows: list[dict], cfg: DPOConfig
                 if on_log:
                     on_log(rec)
 
+    import logging
+
+    # TRL warns once per example that byte-level BPE merges across the prompt/completion boundary; our own
+    # tokenisation applies the same rule (methods.data), so the message is noise here
+    logging.getLogger("trl").setLevel(logging.ERROR)
     out = overrides.pop("output_dir", None) or tempfile.mkdtemp(prefix="trl-dpo-")
     args = trl_config(cfg, output_dir=out, device=device, precompute_ref=precompute_ref, total_steps=total_steps,
                       dtype=dtype, **overrides)
