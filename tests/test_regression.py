@@ -97,3 +97,26 @@ def test_diagnostics_on_hand_made_curves():
             {"arm": "x", "kl": -0.1, "length": 20.0, "distinct_2": 0.5, "negative_kl_share": 0.7}]
     flags = {d["flag"] for d in run_diagnostics(arms, {"x": falling})}
     assert flags == {"negative_kl", "length_drift", "diversity_collapse", "chosen_logp_falling"}
+
+
+@pytest.mark.slow
+def test_gate_fails_end_to_end_when_dpo_learning_rate_is_zero(tmp_path):
+    """The smoke suite with DPO's learning rate forced to ~0: the DPO arms stay at pi_ref and the gate, run
+    against the committed baseline, exits 1 naming them; the untouched arms stay inside their bands."""
+    base = ROOT / "results" / "baseline" / "smoke.json"
+    if not base.exists():
+        pytest.skip("no committed baseline")
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    run = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--suite", "smoke", "--set", "dpo.lr=1e-12",
+                          "--set", f"cache_dir={tmp_path}/cache", "--set", f"runs_dir={tmp_path}/runs"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "benchmarks", "check", "--run", str(tmp_path / "runs" / "smoke"),
+                        "--baseline", str(base), "--perf", str(tmp_path / "none.json")],
+                       cwd=ROOT, capture_output=True, text=True, env=env)
+    assert r.returncode == 1, r.stdout
+    bad = {tuple(line.split()[:2]) for line in r.stdout.splitlines() if line.endswith("REGRESSION")}
+    # smoke's DPO gain over pi_ref (0.056) is inside the gold band (0.06), so the gate catches the frozen
+    # policy through its KL (4.3 -> ~0, band [1.67, 9.66]); only the degraded arms (ours and the TRL peer) fail
+    assert ("dpo-sigmoid-b0.1-s0", "kl") in bad and ("trl-sigmoid-b0.1-s0", "kl") in bad
+    assert all(arm.startswith(("dpo-", "trl-")) for arm, _ in bad)
