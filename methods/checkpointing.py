@@ -70,10 +70,21 @@ def check_same_config(saved: dict, current: dict, what: str, ignore: tuple[str, 
 
 class CheckpointMixin:
     """``save_checkpoint``/``load_checkpoint`` for a trainer that defines ``state_dict``/``load_state_dict``
-    (and optionally ``accelerator``: only the main process writes)."""
+    (and optionally ``dist``, a ``methods.distributed.Dist``, or ``accelerator``: only the main process writes).
+
+    Under several processes every rank builds ``state_dict()`` (gathering sharded weights is a collective), the
+    main one writes, and all wait at a barrier, so a checkpoint read right after is complete on every rank.
+    Every rank resumes from the main rank's file (replicas are equal; RNG streams are the main rank's)."""
 
     def save_checkpoint(self, path: Path) -> None:
         """Write ``state_dict()`` atomically to ``path``."""
+        dist = getattr(self, "dist", None)
+        if dist is not None and dist.distributed:
+            state = self.state_dict()
+            if dist.is_main:
+                atomic_torch_save(state, Path(path))
+            dist.barrier()
+            return
         acc = getattr(self, "accelerator", None)
         if acc is None or acc.is_main_process:
             atomic_torch_save(self.state_dict(), Path(path))

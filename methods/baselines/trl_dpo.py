@@ -22,11 +22,20 @@ def trl_config(cfg: DPOConfig, *, output_dir: str, device: str, precompute_ref: 
         raise ValueError(f"the TRL peer supports loss types {sorted(_LOSS)}, not {cfg.loss_type!r}")
     if cfg.loss_type == "sigmoid" and cfg.label_smoothing:
         raise ValueError("TRL 1.16 ignores label_smoothing for sigmoid; use loss_type robust or label_smoothing 0")
+    # under `accelerate launch` transformers' Trainer gives consecutive batches to the ranks in turn: per-device
+    # batches of batch_size / world_size pairs make one optimiser step cover the same global batch as ours
+    from methods.distributed import Dist
+
+    local = cfg.batch_size // Dist().world_size
+    Dist().shard(cfg.batch_size, "dpo.batch_size")
+    per_device = min(cfg.micro, local)
+    if local % per_device:
+        raise ValueError(f"dpo.micro_batch_size ({cfg.micro}) must divide the per-process batch ({local})")
     kw = dict(
         output_dir=output_dir, beta=cfg.beta, loss_type=[_LOSS[cfg.loss_type]], label_smoothing=cfg.label_smoothing,
         learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
         optim="adamw_torch" if cfg.optimizer == "adamw" else "rmsprop",
-        per_device_train_batch_size=cfg.micro, gradient_accumulation_steps=cfg.batch_size // cfg.micro,
+        per_device_train_batch_size=per_device, gradient_accumulation_steps=local // per_device,
         max_steps=total_steps, warmup_steps=cfg.warmup_steps, lr_scheduler_type=cfg.scheduler,
         max_grad_norm=cfg.grad_clip, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode,
         precompute_ref_log_probs=precompute_ref, seed=cfg.seed, data_seed=cfg.seed,

@@ -5,7 +5,12 @@
 * chosen and rejected go through one forward (padded concatenation, or the packed prompt-sharing layout);
 * gradient accumulation is exactly a big batch (per-micro-batch losses summed / pairs per step);
 * warm-up + schedule (transformers' schedulers), RMSprop (the paper) or AdamW, grad clipping, bf16/fp16
-  autocast where the device supports it; works under ``accelerate launch`` (the Accelerator wraps it);
+  autocast where the device supports it;
+* data parallel under ``accelerate launch`` (pass ``accelerator=Accelerator()``; DDP, FSDP or DeepSpeed through
+  accelerate configs): every step's global batch (the same ``example_order``) is split into equal contiguous
+  shards, one per rank, each rank's loss is its shard's sum / shard size, and the gradient average over ranks
+  is then the single-process gradient of the full batch; logged metrics are gathered over ranks, so the logs
+  equal a single-process run's (up to float summation order). Only the main process writes checkpoints;
 * resumable: ``train(checkpoint_path=..., checkpoint_every=n)`` writes an atomic checkpoint (model, optimiser,
   scheduler, step = data position, counters, history, RNG states) every n steps and, started again after a
   kill, continues from it on exactly the batches an uninterrupted run would have used.
@@ -25,6 +30,7 @@ import torch
 
 from methods.checkpointing import CheckpointMixin, check_same_config, rng_state, set_rng_state
 from methods.data import tokenize_prompt_completions, truncate
+from methods.distributed import Dist
 from methods.dpo.batching import PairExample, batch_to, make_batch, pair_logps
 from methods.dpo.losses import preference_loss, simpo_loss, uses_average_logps, validate_dpo_hparams
 
@@ -142,11 +148,12 @@ def compute_reference_logps(ref_model, examples: list[PairExample], *, pad_id: i
 
 
 def cached_reference_logps(cache_file: Path | None, compute: Callable[[], dict]) -> tuple[dict, bool]:
-    """Load reference log-probs from ``cache_file`` if present, else compute and write them atomically."""
+    """Load reference log-probs from ``cache_file`` if present, else compute and write them atomically
+    (under several processes every rank computes them and only the main one writes)."""
     if cache_file is not None and cache_file.exists():
         return torch.load(cache_file), True
     ref = compute()
-    if cache_file is not None:
+    if cache_file is not None and Dist().is_main:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(f".tmp{random.getrandbits(32)}")
         torch.save(ref, tmp)
@@ -207,6 +214,8 @@ class DPOTrainer(CheckpointMixin):
         self.pad_id = pad_id
         self.autocast = autocast if autocast is not None else contextlib.nullcontext()
         self.accelerator = accelerator
+        self.dist = Dist.from_accelerator(accelerator)
+        self.dist.shard(cfg.batch_size, "dpo.batch_size")  # refuse uneven shards before any work
         self.total_steps = total_steps_for(len(examples), cfg)
         from transformers import get_scheduler
 
@@ -214,8 +223,10 @@ class DPOTrainer(CheckpointMixin):
         self.sched = get_scheduler(cfg.scheduler, self.opt, num_warmup_steps=cfg.warmup_steps,
                                    num_training_steps=self.total_steps)
         if accelerator is not None:
-            self.model, self.opt, self.sched = accelerator.prepare(self.model, self.opt, self.sched)
-        self.device = next(model.parameters()).device
+            # the scheduler is stepped by us, once per optimiser step: accelerate's AcceleratedScheduler would
+            # step it num_processes times per step (it assumes the per-process batch is the global batch)
+            self.model, self.opt = accelerator.prepare(self.model, self.opt)
+        self.device = accelerator.device if accelerator is not None else next(model.parameters()).device
         self.history: list[dict] = []
         self.step = 0
         """Optimiser steps done = the data position (batch ``step`` of ``example_order`` is next)."""
@@ -229,9 +240,15 @@ class DPOTrainer(CheckpointMixin):
         return self.accelerator.unwrap_model(self.model) if self.accelerator is not None else self.model
 
     # -------------------------------------------------------------------------------------------- checkpoints
+    def model_state_dict(self) -> dict:
+        """The full (unsharded, unwrapped) weights; a collective under FSDP/ZeRO-3: call it on every rank."""
+        if self.accelerator is not None and self.dist.distributed:
+            return self.accelerator.get_state_dict(self.model)
+        return self._unwrapped().state_dict()
+
     def state_dict(self) -> dict:
         """Everything a resumed run needs to end with the same numbers as an uninterrupted one."""
-        return {"model": self._unwrapped().state_dict(), "optimizer": self.opt.state_dict(),
+        return {"model": self.model_state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "step": self.step, "history": list(self.history),
                 "counters": dict(self.counters), "rng": rng_state(), "config": config_dict(self.cfg),
                 "n_examples": len(self.examples), "total_steps": self.total_steps}
@@ -258,34 +275,53 @@ class DPOTrainer(CheckpointMixin):
             raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
         if checkpoint_path is not None:
             self.load_checkpoint(checkpoint_path)
-        cfg, model = self.cfg, self.model
+        cfg, model, dist = self.cfg, self.model, self.dist
         model.train()
         order = self._order()
         seen, tokens = int(self.counters["examples_seen"]), int(self.counters["tokens_seen"])
         t0 = time.perf_counter() - float(self.counters["wall_s"])  # wall_s of a resumed run: summed over runs
         while self.step < self.total_steps:
             step_idx = order[self.step * cfg.batch_size : (self.step + 1) * cfg.batch_size]
+            local_idx = step_idx[dist.shard(len(step_idx))]  # this rank's contiguous shard (all of it: 1 process)
             self.opt.zero_grad(set_to_none=True)
             agg = {"loss": 0.0, "rc": [], "rr": [], "pc": [], "pr": []}
-            for m0 in range(0, len(step_idx), cfg.micro):
-                idx = torch.tensor(step_idx[m0 : m0 + cfg.micro])
+            step_tokens = 0
+            for m0 in range(0, len(local_idx), cfg.micro):
+                idx = torch.tensor(local_idx[m0 : m0 + cfg.micro])
                 exs = [self.examples[i] for i in idx.tolist()]
                 batch = batch_to(make_batch(exs, self.pad_id, cfg.layout, cfg.pack_len), self.device)
-                with self.autocast:
-                    losses, rc, rr, pc, pr = dpo_step_loss(model, batch, self.ref, idx, cfg)
-                loss = losses.sum() / len(step_idx)  # accumulation == one big batch
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite DPO loss at step {self.step + 1}; lower dpo.lr or check the pairs")
-                (self.accelerator.backward(loss) if self.accelerator else loss.backward())
+                last_micro = m0 + cfg.micro >= len(local_idx)
+                sync = (self.accelerator.no_sync(model) if dist.distributed and not last_micro
+                        else contextlib.nullcontext())  # DDP: one gradient all-reduce per optimiser step
+                with sync:
+                    with self.autocast:
+                        losses, rc, rr, pc, pr = dpo_step_loss(model, batch, self.ref, idx, cfg)
+                    # accumulation == one big batch; under DDP the average over ranks of the shards' means is
+                    # the full batch's mean (equal shards)
+                    loss = losses.sum() / len(local_idx)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"non-finite DPO loss at step {self.step + 1}; lower dpo.lr or check the pairs")
+                    (self.accelerator.backward(loss) if self.accelerator else loss.backward())
                 agg["loss"] += loss.item()
                 for k, v in (("rc", rc), ("rr", rr), ("pc", pc), ("pr", pr)):
                     agg[k].append(v.float().cpu())
-                tokens += sum(e.n_tokens_packed for e in exs)
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                step_tokens += sum(e.n_tokens_packed for e in exs)
+            if self.accelerator is not None:
+                gnorm = self.accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                gnorm = math.nan if gnorm is None else gnorm  # DeepSpeed clips inside its engine
+            else:
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             self.opt.step()
             self.sched.step()
             self.step += 1
             seen += len(step_idx)
+            if dist.distributed:  # global metrics: shards gathered in rank order = the single-process batch
+                red = dist.all_reduce_sum(torch.tensor([agg["loss"], float(step_tokens)], dtype=torch.float64,
+                                                       device=self.device)).cpu()
+                agg["loss"], step_tokens = float(red[0]) / dist.world_size, int(red[1])
+                for k in ("rc", "rr", "pc", "pr"):
+                    agg[k] = [dist.gather_rows(torch.cat(agg[k]).to(self.device)).cpu()]
+            tokens += step_tokens
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                 rc, rr = torch.cat(agg["rc"]), torch.cat(agg["rr"])
                 el = time.perf_counter() - t0
@@ -303,7 +339,7 @@ class DPOTrainer(CheckpointMixin):
             if checkpoint_path is not None and (
                     self.step == self.total_steps or (checkpoint_every and self.step % checkpoint_every == 0)):
                 self.save_checkpoint(checkpoint_path)
-            if stop is not None and stop():
+            if stop is not None and dist.any(stop()):
                 break
         model.eval()
         return self.history
