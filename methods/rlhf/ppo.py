@@ -21,6 +21,16 @@ parameters, optimiser, KL coefficient, reward-normalisation statistics, prompt o
 reference, history, RNG states) every n iterations; started again after a kill, the run continues from it and
 ends with the numbers of an uninterrupted run (rollout seeds depend only on (seed, iteration, prompt, slot)).
 
+Data parallel under ``accelerate launch`` (pass ``accelerator=Accelerator()``, DDP-style: every rank holds the
+whole policy, reference and value model): each rank samples, scores and forwards its contiguous shard of the
+iteration's rollout batch (same prompts and per-row seeds as one process, so the same samples); the per-token
+tensors and scores are then gathered, so reward normalisation, KL, GAE, whitening, explained variance and the
+KL controller are computed on the whole batch exactly as in one process; every PPO minibatch is split over
+the ranks, each rank's loss is its tokens' share of the minibatch's token mean and the gradients are summed
+over ranks (= the single-process minibatch gradient); logged update statistics are token-weighted sums over
+ranks. ``reward_fn`` must be deterministic per row (it is called on a shard). FSDP / DeepSpeed configs are
+refused for PPO (the sampler and the no-grad forwards need whole parameters on each rank).
+
 Completions handed to ``reward_fn`` and trained on are the generated token ids *including* the EOS token when
 the sample ended with one (the sequence DPO and the RM see: text + EOS); decode with
 ``skip_special_tokens=True`` for text rewards. Dropout is left off throughout (models in eval mode, gradients
@@ -51,7 +61,8 @@ import torch
 
 from methods.checkpointing import CheckpointMixin, check_same_config, rng_state, set_rng_state
 from methods.data import collate
-from methods.logprobs import token_logps
+from methods.distributed import Dist
+from methods.logprobs import IGNORE_INDEX, token_logps
 from methods.rlhf import ppo_core
 from methods.rlhf.ppo_core import (
     AdaptiveKLController,
@@ -250,12 +261,27 @@ class PPOTrainer(CheckpointMixin):
     ``token_values(input_ids, attention_mask) -> [B, T]`` for ``value_model="separate"`` (e.g.
     ``reward_model.value_model_from_reward_model(rm)``) and must be None for ``"shared"``.
     ``prompts``: token-id lists (with BOS if the tokenizer adds it). ``autocast``: a reusable context manager
-    (e.g. ``torch.autocast(...)``) wrapped around every forward and the sampler.
+    (e.g. ``torch.autocast(...)``) wrapped around every forward and the sampler. ``accelerator``: an
+    ``accelerate.Accelerator`` of a multi-process launch (data parallel, see the module docstring); None or a
+    one-process accelerator = the single-process loop.
     """
 
     def __init__(self, policy, ref_model, reward_fn: Callable, value_model, tokenizer,
-                 prompts: Sequence[Sequence[int]], cfg: PPOConfig, device: str | torch.device, autocast=None):
+                 prompts: Sequence[Sequence[int]], cfg: PPOConfig, device: str | torch.device, autocast=None,
+                 accelerator=None):
         cfg.validate()
+        self.accelerator = accelerator
+        self.dist = Dist.from_accelerator(accelerator)
+        if self.dist.distributed:
+            kind = str(getattr(accelerator, "distributed_type", ""))
+            if "FSDP" in kind or "DEEPSPEED" in kind:
+                raise NotImplementedError(
+                    f"PPO under {kind}: parameter sharding is not supported (rollout sampling and the no-grad "
+                    "forwards need whole parameters on every rank); launch PPO with a DDP config "
+                    "(benchmarks/configs/accelerate/ddp.yaml)")
+            self.dist.shard(cfg.rollout_batch_size, "ppo.rollout_batch_size")
+            self.dist.shard(cfg.minibatch_size, "ppo.minibatch_size")
+            device = accelerator.device
         if policy is ref_model:
             raise ValueError("policy and ref_model are the same object: pass a trainable copy of pi_ref as policy")
         if not callable(reward_fn):
@@ -306,6 +332,7 @@ class PPOTrainer(CheckpointMixin):
         self.policy.eval()  # dropout off throughout (gradients still flow)
         self._policy_params = [p for p in self.policy.parameters() if p.requires_grad]
         self._value_params = [p for p in self._value_module().parameters() if p.requires_grad]
+        self.dist.broadcast_params(self._policy_params + self._value_params)  # replicas start equal (as DDP)
         self.opt = torch.optim.Adam(
             [{"params": self._policy_params, "lr": cfg.lr},
              {"params": self._value_params, "lr": cfg.vf_lr if cfg.vf_lr is not None else cfg.lr}],
@@ -467,12 +494,12 @@ class PPOTrainer(CheckpointMixin):
             if checkpoint_path is not None and (
                     it == self.cfg.iterations or (checkpoint_every and it % checkpoint_every == 0)):
                 self.save_checkpoint(checkpoint_path)
-            if stop is not None and stop():
+            if stop is not None and self.dist.any(stop()):
                 break
         return self.history
 
     def _iteration(self, it: int) -> dict:
-        cfg, dev = self.cfg, self.device
+        cfg, dev, dist = self.cfg, self.device, self.dist
         timers = _Timers(dev)
         t_iter = time.perf_counter()
         R, M = cfg.rollout_batch_size, cfg.minibatch_size
@@ -481,24 +508,29 @@ class PPOTrainer(CheckpointMixin):
             for g, base in zip(self.opt.param_groups, self._base_lrs, strict=True):
                 g["lr"] = frac * base
 
-        # 1. rollouts from the current policy (shared sampler, per-row seeds)
+        # 1. rollouts from the current policy (shared sampler, per-row seeds); this rank's shard of them
         slots = self._prompt_slots(it)
         prompts = [self.prompts[i] for i in slots]
         seeds = [_seed(cfg.seed, 2, it, i, j) for j, i in enumerate(slots)]
+        sh = dist.shard(R)  # all R rows with one process
+        l_prompts = prompts[sh]
         with timers("time/generation"):
-            s = sample(self.policy, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                       seeds=seeds, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+            s = sample(self.policy, l_prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                       seeds=seeds[sh], eos_token_id=self.eos_id, pad_token_id=self.pad_id,
                        batch_size=cfg.generation_batch_size, autocast=self._autocast_arg)
         self.policy.eval()
-        comps = [c + [self.eos_id] if e else list(c) for c, e in zip(s.completions, s.ended, strict=True)]
-        ended = torch.tensor(s.ended, device=dev)
+        l_comps = [c + [self.eos_id] if e else list(c) for c, e in zip(s.completions, s.ended, strict=True)]
+        s_ended = dist.gather_objects(list(s.ended))  # [R] in global order
+        comps = dist.gather_objects(l_comps)
+        ended = torch.tensor(s_ended, device=dev)
 
         # 2. scores
         with timers("time/reward"):
-            raw = self.reward_fn(prompts, comps)
-            raw = torch.as_tensor(raw, dtype=torch.float32).detach().flatten().to(dev)  # [R]
-            if raw.numel() != R:
-                raise ValueError(f"reward_fn returned {raw.numel()} scores for {R} completions")
+            raw = self.reward_fn(l_prompts, l_comps)
+            raw = torch.as_tensor(raw, dtype=torch.float32).detach().flatten().to(dev)  # [R / world_size]
+            if raw.numel() != len(l_prompts):
+                raise ValueError(f"reward_fn returned {raw.numel()} scores for {len(l_prompts)} completions")
+            raw = dist.gather_rows(raw)  # [R]
             check_finite("scores", raw, phase="reward", step=it)
             scores, norm_mean, norm_std = self._normalise(raw)
             if cfg.missing_eos_penalty is not None:
@@ -506,12 +538,13 @@ class PPOTrainer(CheckpointMixin):
                 scores = torch.where(ended, scores, scores - cfg.missing_eos_penalty)
 
         # 3. old log-probs, reference log-probs, values: one no-grad forward each per chunk
-        batch = {k: v.to(dev) for k, v in collate(prompts, comps, self.pad_id).items()}
+        batch = {k: v.to(dev) for k, v in collate(l_prompts, l_comps, self.pad_id).items()}
         ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        fb = cfg.forward_batch_size or R
+        n_local = len(l_prompts)
+        fb = cfg.forward_batch_size or n_local
         with timers("time/ref_value_forward"), torch.no_grad():
             lps, refs, vals, masks = [], [], [], []
-            for c0 in range(0, R, fb):
+            for c0 in range(0, n_local, fb):
                 sl = slice(c0, c0 + fb)
                 lp, mask, v, _ = self._forward(ids[sl], attn[sl], labels[sl], want_entropy=False)
                 with self.autocast:
@@ -525,6 +558,10 @@ class PPOTrainer(CheckpointMixin):
             old_lp, ref_lp, values, mask = (torch.cat(x) for x in (lps, refs, vals, masks))  # [R, T-1]
             zero = torch.zeros((), device=dev)
             values = torch.where(mask.bool(), values, zero)
+        if dist.distributed:  # the whole rollout batch on every rank, padded as one collate would pad it
+            ids, attn = dist.gather_rows(ids, self.pad_id), dist.gather_rows(attn, 0)
+            labels = dist.gather_rows(labels, IGNORE_INDEX)
+            old_lp, ref_lp, values, mask = (dist.gather_rows(x, 0) for x in (old_lp, ref_lp, values, mask))
         for name, t in (("logprobs", old_lp), ("ref_logprobs", ref_lp), ("values", values)):
             check_finite(name, t, phase="rollout_forward", step=it)
 
@@ -562,7 +599,8 @@ class PPOTrainer(CheckpointMixin):
                 g = torch.Generator().manual_seed(_seed(cfg.seed, 3, it, epoch))
                 perm = torch.randperm(R, generator=g).to(dev)
                 for m0 in range(0, R, M):
-                    mb = perm[m0 : m0 + M]
+                    mb_all = perm[m0 : m0 + M]
+                    mb = mb_all[dist.shard(M)]  # this rank's rows of the minibatch (all of them: 1 process)
                     T = int(attn[mb].sum(1).max())  # trim the batch's trailing padding
                     mids, mattn, mlab = ids[mb, :T], attn[mb, :T], labels[mb, :T]
                     lp, _, v, ent = self._forward(mids, mattn, mlab, want_entropy=True)
@@ -574,20 +612,32 @@ class PPOTrainer(CheckpointMixin):
                     vf, vst = value_loss(v, values[mb, : T - 1], returns[mb, : T - 1], mm,
                                          clip_range_value=cfg.clip_range_value)
                     loss = pg + cfg.vf_coef * vf  # [N-details] loss = pg_loss + vf_coef * vf_loss
-                    check_finite("policy_loss", pg, phase="update", step=it)
-                    check_finite("value_loss", vf, phase="update", step=it)
+                    mstats = {"approxkl": pst["approxkl"], "clipfrac": pst["clipfrac"], "entropy": ent,
+                              "pg_loss": pg, "vf_loss": vf, "vf_clipfrac": vst["clipfrac"], "loss": loss,
+                              "ratio": pst["ratio_mean"]}
+                    if dist.distributed:
+                        # token means over the whole minibatch: this rank's tokens weigh n_local / n_minibatch;
+                        # the weighted losses' gradients, summed over ranks, are the minibatch mean's gradient
+                        w = mm.sum() / mask[mb_all].sum()
+                        loss = loss * w
+                        red = dist.all_reduce_sum(torch.stack([x.detach().double() for x in mstats.values()]) * w.double())
+                        mstats = dict(zip(mstats, red.cpu(), strict=True))
+                    check_finite("policy_loss", mstats["pg_loss"], phase="update", step=it)
+                    check_finite("value_loss", mstats["vf_loss"], phase="update", step=it)
                     self.opt.zero_grad(set_to_none=True)
                     loss.backward()
+                    dist.all_reduce_grads(params, average=False)
                     gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                     check_finite("grad_norm", gnorm, phase="update", step=it)
                     self.opt.step()
                     n_updates += 1
-                    akl = float(pst["approxkl"])
+                    akl = float(mstats["approxkl"])
                     if n_updates == 1:
                         first_approxkl = akl  # 0 up to float noise: policy unchanged since the rollout
-                    for k, val in (("approxkl", akl), ("clipfrac", pst["clipfrac"]), ("entropy", ent),
-                                   ("pg_loss", pg), ("vf_loss", vf), ("vf_clipfrac", vst["clipfrac"]),
-                                   ("loss", loss), ("grad_norm", gnorm), ("ratio", pst["ratio_mean"])):
+                    for k, val in (("approxkl", akl), ("clipfrac", mstats["clipfrac"]), ("entropy", mstats["entropy"]),
+                                   ("pg_loss", mstats["pg_loss"]), ("vf_loss", mstats["vf_loss"]),
+                                   ("vf_clipfrac", mstats["vf_clipfrac"]), ("loss", mstats["loss"]),
+                                   ("grad_norm", gnorm), ("ratio", mstats["ratio"])):
                         stats[k].append(float(val.detach()) if torch.is_tensor(val) else float(val))
                     if cfg.kl_stop is not None and akl > cfg.kl_stop:
                         early = True
