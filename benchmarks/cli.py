@@ -104,9 +104,13 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [t for t in targets if t not in stages]
         if unknown:
             raise ConfigError(f"unknown stage(s) {unknown}; stages are {list(stages)}")
-        print(f"prefbench: suite '{cfg.name}' on {h.device} ({cfg.dtype}), seed {cfg.seed}")
+        if h.dist.is_main:
+            procs = f", {h.dist.world_size} processes" if h.dist.distributed else ""
+            print(f"prefbench: suite '{cfg.name}' on {h.device} ({cfg.dtype}), seed {cfg.seed}{procs}")
         run_dir = h.root / cfg.runs_dir / cfg.name
         h.run(targets, run_dir=run_dir)
+        if not h.dist.is_main:  # under accelerate launch only rank 0 writes the run's tables and prints
+            return 0
         if "eval/sft" in h.results:
             from benchmarks.results import collect, print_table
 

@@ -5,12 +5,32 @@ config subset, its code version and the hashes of the stages it reads, so changi
 stage and everything downstream of it, nothing else. A stage is written into a temp folder and renamed in
 one step when complete (``utils.atomic_dir``): a killed run never leaves a half artefact, and a re-run skips
 finished stages.
+
+Several processes (``accelerate launch ... -m benchmarks.cli run``; detected from ``WORLD_SIZE`` > 1, then
+``h.accelerator`` is an ``accelerate.Accelerator`` and ``h.dist`` its ``methods.distributed.Dist``): every rank
+runs every stage, in the same order, so the trainers of the arms can shard their batches and meet in their
+collectives; stages that do not shard (data, sft, prefs, eval, ...) compute the same deterministic thing on
+every rank. The scheme, per stage:
+  1. rank 0 takes the stage's file lock (against other, independent runs), decides "cached or not" and
+     broadcasts the decision, so all ranks take the same branch;
+  2. if not cached, rank 0 runs the stage into its atomic temp folder and commits it; every other rank runs it
+     into a private scratch folder (``.<hash>.scratch-rank<r>-*``) that is deleted afterwards, i.e. only rank
+     0 ever writes a stage's artefacts;
+  3. a failure on any rank is all-reduced, so every rank raises (the suite's arm bookkeeping stays in step);
+  4. a barrier, after which every rank reads the committed folder (downstream stages load rank 0's artefacts,
+     so ranks cannot drift apart through nondeterministic kernels).
+Run-level files (resolved config, stages.json, summary tables) are written by rank 0 only, and only rank 0
+logs. A failure raised on one rank *inside* a trainer's collectives cannot be reconciled and ends the launch
+(the other ranks wait in the collective until the process group's timeout).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +41,7 @@ import torch
 
 from benchmarks import utils
 from benchmarks.config import SuiteConfig, to_dict, to_yaml
+from methods.distributed import Dist
 
 
 @dataclass
@@ -58,7 +79,10 @@ class Harness:
         self.stages = stages
         self.root = Path(root) if root else Path.cwd()
         self.cache_dir = self.root / cfg.cache_dir
-        self.log = log
+        self.accelerator = launched_accelerator()
+        """``accelerate.Accelerator`` of a multi-process launch, else None (the single-process path)."""
+        self.dist = Dist.from_accelerator(self.accelerator)
+        self.log = log if self.dist.is_main else (lambda *a, **k: None)
         self.device = utils.resolve_device(cfg.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -108,8 +132,11 @@ class Harness:
         final = self.stage_dir(name)
         t = utils.Timer()
         meta_path = final / "stage.json"
-        with utils.file_lock(final.parent / f".{final.name}.lock"):  # a concurrent run waits, then reuses
-            res = self._run_locked(name, st, final, meta_path, t)
+        if self.dist.distributed:
+            res = self._run_distributed(name, st, final, meta_path, t)
+        else:
+            with utils.file_lock(final.parent / f".{final.name}.lock"):  # a concurrent run waits, then reuses
+                res = self._run_locked(name, st, final, meta_path, t)
         self.results[name] = res
         self.log(res.line())
         return res
@@ -136,6 +163,47 @@ class Harness:
             self.checkpoint_path(name).unlink(missing_ok=True)
         return res
 
+    def _run_distributed(self, name: str, st: Stage, final: Path, meta_path: Path, t) -> StageResult:
+        """Every rank runs the stage, rank 0 commits it (the scheme of the module docstring)."""
+        dist, lock = self.dist, None
+        if dist.is_main:
+            lock = utils.file_lock(final.parent / f".{final.name}.lock")
+            lock.__enter__()
+        err: BaseException | None = None
+        res = None
+        try:
+            cached = dist.broadcast_object(meta_path.exists() if dist.is_main else None)
+            if cached:
+                pass
+            elif dist.is_main:
+                res = self._run_locked(name, st, final, meta_path, t)
+            else:
+                scratch_glob = f".{final.name}.scratch-rank{dist.rank}-*"
+                if final.parent.exists():  # scratch folders of a killed run of this rank
+                    for p in final.parent.glob(scratch_glob):
+                        shutil.rmtree(p, ignore_errors=True)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                scratch = Path(tempfile.mkdtemp(prefix=scratch_glob[:-1], dir=final.parent))
+                try:
+                    utils.seed_everything(self.cfg.seed)
+                    st.run(self, scratch)
+                finally:
+                    shutil.rmtree(scratch, ignore_errors=True)
+        except Exception as e:  # noqa: BLE001 - re-raised below on every rank
+            err = e
+        finally:
+            if lock is not None:
+                lock.__exit__(None, None, None)
+        if dist.any(err is not None):
+            if err is not None:
+                raise err
+            raise RuntimeError(f"stage {name} failed on another process (see rank 0's log)")
+        dist.barrier()  # rank 0's folder is committed: everyone reads it
+        if res is None:
+            meta = json.loads(meta_path.read_text())
+            res = StageResult(name, self.stage_hash(name), final, bool(cached), t.elapsed, None, meta["summary"])
+        return res
+
     @staticmethod
     def _clean_stale_tmp(final: Path) -> None:
         """Temp folders of a killed run (we hold the stage's lock, so none of them is live)."""
@@ -147,8 +215,9 @@ class Harness:
 
     def run(self, targets: list[str], run_dir: Path | None = None) -> dict[str, StageResult]:
         run_dir = run_dir or (self.root / self.cfg.runs_dir / self.cfg.name)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        utils.atomic_write_text(run_dir / "resolved_config.yaml", to_yaml(self.cfg))
+        if self.dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            utils.atomic_write_text(run_dir / "resolved_config.yaml", to_yaml(self.cfg))
         t = utils.Timer()
         for name in targets:
             if not name.startswith(("arm/", "eval/")):
@@ -164,11 +233,24 @@ class Harness:
                 self.log(f"[{name}] FAILED: {type(e).__name__}: {e} (the suite goes on)")
         index = {n: {"hash": r.hash, "path": str(r.path), "cached": r.cached, "wall_s": r.wall_s,
                      "peak_rss_mb": r.peak_rss_mb, "summary": r.summary} for n, r in self.results.items()}
+        if not self.dist.is_main:
+            return self.results
         utils.atomic_write_json(run_dir / "stages.json", {"suite": self.cfg.name, "config": to_dict(self.cfg),
                                                            "provenance": provenance(self.device, self.cfg.dtype),
                                                            "wall_s": t.elapsed, "stages": index,
                                                            "failed": self.failed})
         return self.results
+
+
+def launched_accelerator():
+    """An ``accelerate.Accelerator`` when this process is one of several started by ``accelerate launch`` (or
+    torchrun): ``WORLD_SIZE`` > 1. None otherwise: a plain run never imports accelerate here."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    # without CUDA the ranks form a gloo CPU group (accelerate would otherwise see no distributed setup)
+    return Accelerator(cpu=not torch.cuda.is_available())
 
 
 def quiet_libraries() -> None:
