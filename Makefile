@@ -6,7 +6,7 @@ SUITE ?= default
 STAMP := $(VENV)/.setup-stamp
 ARGS  ?=
 
-.PHONY: help setup bench bench-gpu test lint check baseline report clean-cache perf-dpo
+.PHONY: help setup bench bench-gpu bench-multi test lint check baseline report clean-cache perf-dpo
 help:
 	@echo "make bench [SUITE=default|smoke]  run a suite end to end (set-up on first use)"
 	@echo "make test                         run the test suite (set-up on first use)"
@@ -14,6 +14,7 @@ help:
 	@echo "make baseline                     refresh results/baseline/ (deliberately)"
 	@echo "make report [SUITE=...]           HTML report + figures of the last run"
 	@echo "make perf-dpo                     DPO speed benchmark vs TRL"
+	@echo "make bench-multi [ACCEL=ddp]      a suite under accelerate launch (benchmarks/configs/accelerate/)"
 	@echo "make lint                         ruff"
 
 # Set-up runs only when pyproject.toml changed or the venv is missing (a stamp file).
@@ -30,6 +31,12 @@ bench: $(STAMP)
 bench-gpu: $(STAMP)
 	$(PY) -m benchmarks run --suite smoke --set device=cuda --set dtype=bfloat16 --set runs_dir=results/runs-gpu --set cache_dir=results/cache-gpu
 	$(PY) -m benchmarks report --run results/runs-gpu/smoke
+
+# A suite under accelerate launch: ACCEL = ddp | fsdp | zero2 | zero3 | cpu2 (benchmarks/configs/accelerate/)
+ACCEL ?= ddp
+bench-multi: $(STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/accelerate launch --config_file benchmarks/configs/accelerate/$(ACCEL).yaml -m benchmarks.cli run --suite $(SUITE) $(ARGS)
+	$(PY) -m benchmarks report --suite $(SUITE)
 
 # HTML report + paper figures of the last run of SUITE
 report: $(STAMP)
