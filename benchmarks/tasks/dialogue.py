@@ -124,9 +124,9 @@ def judge_scores(name: str, prompts: list[str], responses: list[str], batch_size
         try:
             tok = AutoTokenizer.from_pretrained(name)
             model = AutoModelForSequenceClassification.from_pretrained(name)
-        except OSError as e:
+        except (OSError, ValueError, ImportError) as e:  # DeBERTa-v3 judges may want sentencepiece for their tokenizer
             raise ValueError(f"task.gold 'hf-rm:{name}': cannot load the judge ({e}). Offline? Point it at a local "
-                             "save_pretrained folder") from None
+                             "save_pretrained folder. A slow-only tokenizer may need `pip install sentencepiece`") from None
         if model.config.num_labels != 1:
             raise ValueError(f"task.gold 'hf-rm:{name}': a judge reward model has one output (num_labels = 1), this "
                              f"one has {model.config.num_labels}; for a sentiment classifier use 'hf:<name>'")
