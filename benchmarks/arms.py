@@ -12,7 +12,8 @@ from pathlib import Path
 from benchmarks import utils
 from benchmarks.config import SuiteConfig
 from benchmarks.harness import Harness, Stage
-from benchmarks.stages import STAGES, load_model, load_pairs, load_prompts
+from benchmarks.stages import STAGES, load_model, load_pairs, load_prompts, lora_key
+from methods import lora
 
 # ------------------------------------------------------------------------------------------------ helpers
 
@@ -75,14 +76,23 @@ def _make_dpo_stage(loss_type: str, beta: float, seed: int) -> Stage:
         ref_s = t.elapsed
         ref_train = {k: v[: len(ex)] for k, v in ref_all.items()}
         ref_held = {k: v[len(ex):] for k, v in ref_all.items()}
-        tr = DPOTrainer(policy, ex, ref_train, cfg, pad_id=tok.pad_token_id, autocast=h.autocast())
+        policy = lora.add_adapters(policy, h.cfg.lora, seed=seed)  # after pi_ref's log-probs: adapters train
+        tr = DPOTrainer(policy, ex, ref_train, cfg, pad_id=tok.pad_token_id, autocast=h.autocast(),
+                        accelerator=h.accelerator)  # None = single process; else data parallel over the ranks
         nan = {"eval/rewards/accuracies": float("nan"), "eval/rewards/margins": float("nan")}
         before = tr.evaluate(held, ref_held) if held else nan
         t = utils.Timer()
         hist = tr.train(checkpoint_path=h.checkpoint_path(f"arm/{dpo_arm_id(loss_type, beta, seed)}"), checkpoint_every=h.cfg.checkpoint_every_steps)
         train_s = t.elapsed
         after = tr.evaluate(held, ref_held) if held else nan
-        policy.save_pretrained(out / "model")
+        if h.cfg.lora is not None:  # adapters merged: a plain model folder like every other arm's
+            policy = lora.merged(policy)
+            policy.save_pretrained(out / "model")
+        elif h.dist.distributed:  # the full weights (gathered under FSDP/ZeRO-3: every rank takes part)
+            policy.save_pretrained(out / "model", state_dict=tr.model_state_dict())
+            h.accelerator.free_memory()  # drop the accelerator's references to this arm's model/optimiser
+        else:
+            policy.save_pretrained(out / "model")
         tok.save_pretrained(out / "model")
         utils.write_jsonl(out / "train_curve.jsonl", hist)
         utils.atomic_write_json(out / "train_config.json", asdict(cfg))
@@ -94,7 +104,7 @@ def _make_dpo_stage(loss_type: str, beta: float, seed: int) -> Stage:
                 "tokens_per_s": hist[-1]["tokens_per_s"], "tokens_seen": hist[-1]["tokens_seen"],
                 "final": {k: v for k, v in hist[-1].items() if "/" in k or k == "loss"}}
 
-    key = lambda c: {"dpo": asdict(c.dpo), "loss_type": loss_type, "beta": beta, "seed": seed, "dtype": c.dtype}  # noqa: E731
+    key = lambda c: {"dpo": asdict(c.dpo), "loss_type": loss_type, "beta": beta, "seed": seed, "dtype": c.dtype} | lora_key(c)  # noqa: E731
     return Stage(f"arm/{dpo_arm_id(loss_type, beta, seed)}", ("sft", "prefs"), key, run, version=2)
 
 
@@ -168,12 +178,16 @@ def _make_eval_stage(arm: str) -> Stage:
 
 def _evalref(h: Harness, out: Path) -> dict:
     """The 'chosen' response of every eval prompt: the best of K reference samples by gold reward (the
-    preferred response of a held-out pair), for win rate vs chosen."""
+    preferred response of a held-out pair), for win rate vs chosen; for 'dialogue', the dataset's chosen response."""
     import pandas as pd
 
     from benchmarks.stages import sample_texts
     from benchmarks.tasks.sentiment import gold_reward
 
+    if h.cfg.task.name == "dialogue":  # the dataset's own chosen response of each eval prompt, scored by the judge
+        from benchmarks.stages import dialogue_evalref
+
+        return dialogue_evalref(h, out)
     k = h.cfg.prefs.samples_per_prompt
     model, tok = load_model(h.path("sft"), h.device)
     prompts = load_prompts(h, "eval")
@@ -181,7 +195,7 @@ def _evalref(h: Harness, out: Path) -> dict:
                             max_new_tokens=h.cfg.eval.max_new_tokens, seed=h.cfg.seed + 99)
     rows = []
     for p, comps in zip(prompts, texts, strict=True):
-        g = gold_reward(comps, h.cfg.task.target, h.cfg.task.gold)
+        g = gold_reward(comps, h.cfg.task.target, h.cfg.task.gold, prompts=[p["prompt"]] * k)
         best = max(range(k), key=lambda i: g[i])
         rows.append({"prompt_id": p["prompt_id"], "chosen": comps[best], "chosen_gold": g[best]})
     df = pd.DataFrame(rows)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
+from methods.lora import LoRAConfig
 from methods.rlhf.ppo import PPOConfig
 from methods.rlhf.reward_model import RewardModelConfig
 
@@ -60,29 +61,75 @@ class CorpusConfig:
 
 @dataclass
 class TaskConfig:
-    name: Literal["sentiment"]
-    """The task. 'sentiment': the DPO paper's controlled-sentiment generation, gold reward = VADER compound."""
-    corpus: CorpusConfig
+    name: Literal["sentiment", "dialogue"]
+    """The task. 'sentiment': the DPO paper's controlled-sentiment generation, gold reward = VADER compound.
+    'dialogue': the DPO paper's single-turn dialogue (Sec. 6, Anthropic HH): answer a human query; the gold
+    reward is a judge reward model's score of (prompt, response) (`gold: 'hf-rm:<name>'`); SFT text, train
+    prompts and pairs come from `dataset`'s train split, eval prompts and the chosen reference response from
+    its eval split (win vs chosen = the judge prefers the arm's response to the dataset's chosen one)."""
+    corpus: CorpusConfig | None = None
+    """Text sources of the 'sentiment' task (required there); 'dialogue' takes its text from `dataset`."""
     target: Literal["positive", "negative"] = "positive"
     """Which sentiment the gold reward favours ('negative' flips the sign of the gold score)."""
     gold: str = "vader"
-    """Gold reward: 'vader' (offline lexicon) or 'hf:<sentiment classifier name or path>' (e.g. the paper's
-    'hf:siebert/sentiment-roberta-large-english'; score = 2 P(positive) - 1)."""
+    """Gold reward: 'vader' (offline lexicon), 'hf:<sentiment classifier name or path>' (e.g. the paper's
+    'hf:siebert/sentiment-roberta-large-english'; score = 2 P(positive) - 1), or 'hf-rm:<reward model name or
+    path>': a judge reward model (one output, num_labels = 1) scoring (prompt, response), e.g.
+    'hf-rm:OpenAssistant/reward-model-deberta-v3-large-v2'. The 'dialogue' task needs an 'hf-rm:' judge."""
+    dataset: str = ""
+    """'dialogue' only: an HH-format preference dataset, 'hf:<hub name or local folder in the hub layout>' (e.g.
+    'hf:Anthropic/hh-rlhf'), whose 'chosen'/'rejected' columns hold whole conversations
+    ("\n\nHuman: ...\n\nAssistant: ..."); the prompt is everything up to the last "\n\nAssistant:"."""
+    train_split: str = "train"
+    """'dialogue': split of `dataset` for SFT text, train prompts and the dataset's own pairs."""
+    eval_split: str = "test"
+    """'dialogue': split of `dataset` for evaluation prompts and their chosen reference responses."""
+    max_human_turns: int = 1
+    """'dialogue': conversations with more "\n\nHuman:" turns are dropped (1 = the paper's single-turn
+    subset; 0 = keep every conversation)."""
     prompt_min_tokens: int = 2
-    """Prompts are prefixes of held-out/train documents of between min and max tokens (the paper: 2-8)."""
+    """'sentiment': prompts are prefixes of held-out/train documents of between min and max tokens (the
+    paper: 2-8). 'dialogue': prompts longer than prompt_max_tokens tokens are dropped (min is unused)."""
     prompt_max_tokens: int = 8
     n_train_prompts: int = 1024
-    """Prompts (from training documents) sampled to build preference pairs and to run PPO rollouts."""
+    """Prompts (from training documents) sampled to build preference pairs and to run PPO rollouts.
+    'dialogue': at most this many distinct train prompts (a seeded sample), with all of their pairs."""
     n_eval_prompts: int = 256
-    """Prompts from held-out documents used for every evaluation."""
+    """Prompts from held-out documents used for every evaluation ('dialogue': at most this many, eval split)."""
+    chat_instruction: str = ""
+    """'sentiment', instruction-following variant: when set (e.g. "Continue this text: {prefix}"), each prompt is
+    the model's chat template applied to one user turn with the document prefix in place of {prefix}; SFT
+    then trains on (chat prompt, rest of the document) with a completion-only loss. Needs an
+    instruction-tuned model with a chat template (the 'small' suite's SmolLM2). Empty = raw prefixes."""
 
     def validate(self, key: str) -> None:
-        _check(self.gold == "vader" or (self.gold.startswith("hf:") and len(self.gold) > 3), f"{key}.gold",
-               f"must be 'vader' or 'hf:<classifier name or path>', got {self.gold!r}")
+        _check(self.gold == "vader" or (self.gold.startswith(("hf:", "hf-rm:")) and len(self.gold.split(":", 1)[1]) > 0),
+               f"{key}.gold", f"must be 'vader', 'hf:<classifier name or path>' or 'hf-rm:<reward model name or path>', got {self.gold!r}")
+        if self.name == "sentiment":
+            _check(self.corpus is not None, f"{key}.corpus", "required for task 'sentiment': give sources and task_sources")
+            _check(not self.dataset, f"{key}.dataset", "only the 'dialogue' task reads a dataset; the sentiment task's text is task.corpus")
+        else:
+            _check(self.corpus is None, f"{key}.corpus", "unused by task 'dialogue' (its text is task.dataset); remove it")
+            _check(self.gold.startswith("hf-rm:"), f"{key}.gold",
+                   "task 'dialogue' is judged by a reward model: give 'hf-rm:<name or path>', e.g. "
+                   f"'hf-rm:OpenAssistant/reward-model-deberta-v3-large-v2', got {self.gold!r}")
+            _check(self.dataset.startswith("hf:") and len(self.dataset) > 3, f"{key}.dataset",
+                   f"task 'dialogue' needs 'hf:<hub name or local hub-layout folder>', e.g. 'hf:Anthropic/hh-rlhf', got {self.dataset!r}")
+            _check(":" not in self.dataset[3:], f"{key}.dataset",
+                   f"give the name only ({self.dataset!r} has a ':'); splits are task.train_split / task.eval_split")
+            _check(bool(self.train_split.strip()), f"{key}.train_split", "give a split name, e.g. train")
+            _check(bool(self.eval_split.strip()), f"{key}.eval_split", "give a split name, e.g. test")
+            _check(self.train_split != self.eval_split, f"{key}.eval_split",
+                   f"must differ from train_split ({self.train_split!r}): evaluation prompts must be held out")
+        _check(self.max_human_turns >= 0, f"{key}.max_human_turns", f"must be >= 0 (0 = no filter), got {self.max_human_turns}")
         _check(1 <= self.prompt_min_tokens <= self.prompt_max_tokens, f"{key}.prompt_min_tokens",
                f"need 1 <= prompt_min_tokens <= prompt_max_tokens, got {self.prompt_min_tokens}, {self.prompt_max_tokens}")
         _check(self.n_train_prompts >= 1, f"{key}.n_train_prompts", "must be >= 1")
         _check(self.n_eval_prompts >= 1, f"{key}.n_eval_prompts", "must be >= 1")
+        if self.chat_instruction:
+            _check(self.name == "sentiment", f"{key}.chat_instruction", "only the 'sentiment' task builds chat prompts")
+            _check("{prefix}" in self.chat_instruction, f"{key}.chat_instruction",
+                   f"must contain '{{prefix}}' where the document prefix goes, got {self.chat_instruction!r}")
 
 
 @dataclass
@@ -145,7 +192,8 @@ class BaseConfig:
 @dataclass
 class PrefsConfig:
     source: str = "generate"
-    """'generate': sample from pi_ref and label with the gold reward; or a preference dataset in the standard
+    """'generate': sample from pi_ref and label with the gold reward; 'dataset': the 'dialogue' task dataset's
+    own pairs (train split, pairs of the train prompts); or a preference dataset in the standard
     prompt/chosen/rejected format (local .json/.jsonl/.parquet file, a `save_to_disk` folder, or 'hf:<name>')."""
     samples_per_prompt: int = 4
     """K completions sampled per train prompt at `temperature` (the paper: 4)."""
@@ -294,6 +342,10 @@ class SuiteConfig:
     """DPO: save a resumable checkpoint every this many optimiser steps (a killed run resumes from it)."""
     checkpoint_every_iterations: int = 5
     """PPO: save a resumable checkpoint every this many iterations."""
+    lora: LoRAConfig | None = None
+    """LoRA adapters (peft) instead of full fine-tuning, the same for SFT, the DPO policy, the PPO policy,
+    Preferred-FT and the reward/value backbones (same adapters, same rank: both arms train the same
+    parameters); merged before saving. Omit (null) for full fine-tuning."""
 
     def validate(self, key: str = "") -> None:
         _check(bool(self.name.strip()), "name", "give the suite a name")
@@ -303,9 +355,16 @@ class SuiteConfig:
         _check(self.checkpoint_every_iterations >= 1, "checkpoint_every_iterations", "must be >= 1")
         _check(len(self.seeds) > 0 and all(x >= 0 for x in self.seeds), "seeds", "give one or more seeds >= 0")
         _check(len(set(self.seeds)) == len(self.seeds), "seeds", f"duplicate seeds in {self.seeds}")
-        for sub in self.task.corpus.task_sources:
+        for sub in self.task.corpus.task_sources if self.task.corpus is not None else []:
             _check(sub in self.task.corpus.sources, "task.corpus.task_sources",
                    f"'{sub}' is not in task.corpus.sources {self.task.corpus.sources}")
+        if self.lora is not None:
+            _check(self.dpo is None or not self.dpo.trl_peer, "dpo.trl_peer",
+                   "the TRL peer trains without adapters; set dpo.trl_peer: false with lora (or drop lora)")
+            _check(self.rlhf is None or not self.rlhf.strong_ppo, "rlhf.strong_ppo",
+                   "strong PPO's EMA reference needs full fine-tuning; set rlhf.strong_ppo: false with lora")
+        _check(self.prefs.source != "dataset" or self.task.name == "dialogue", "prefs.source",
+               "'dataset' means the task dataset's own pairs, which only task 'dialogue' has; use 'generate' or a file")
 
 
 # --------------------------------------------------------------------------------------------- building

@@ -17,7 +17,8 @@ from benchmarks import utils
 from benchmarks.arms import _fmt, split_pairs
 from benchmarks.config import SuiteConfig
 from benchmarks.harness import Harness, Stage
-from benchmarks.stages import load_model, load_pairs, load_prompts, sample_texts
+from benchmarks.stages import load_model, load_pairs, load_prompts, lora_key, sample_texts
+from methods import lora
 
 
 def _pairs(h: Harness) -> tuple[list[dict], list[dict]]:
@@ -34,6 +35,7 @@ def _rm(h: Harness, out: Path) -> dict:
     sft_dir = h.path("sft")
     _, tok = load_model(sft_dir, "cpu")
     rm = ScalarRewardModel.from_causal_lm(str(sft_dir / "model"), pooling=cfg.pooling, init_seed=cfg.seed).to(h.device)
+    rm.backbone = lora.add_adapters(rm.backbone, h.cfg.lora, seed=cfg.seed)  # the head always trains in full
     train, held = _pairs(h)
     t = utils.Timer()
     hist, metrics = train_reward_model(rm, tok, train, held or None, cfg, h.device, autocast=h.autocast())
@@ -48,7 +50,8 @@ def _rm(h: Harness, out: Path) -> dict:
     ps = [p["prompt"] for p in prompts for _ in range(2)]
     cs = [c for pair in texts for c in pair]
     scores = rm.score(ps, cs, tokenizer=tok, autocast=h.autocast()).tolist()
-    corr = gold_correlation(scores, gold_reward(cs, h.cfg.task.target, h.cfg.task.gold))
+    corr = gold_correlation(scores, gold_reward(cs, h.cfg.task.target, h.cfg.task.gold, prompts=ps))
+    rm.backbone = lora.merged(rm.backbone)
     rm.save_pretrained(out / "rm", tokenizer=tok)
     utils.write_jsonl(out / "train_curve.jsonl", hist)
     return {"rm_accuracy": metrics.get("eval/accuracy", float("nan")), "rm_gold_pearson": corr["pearson"], "rm_gold_spearman": corr["spearman"],
@@ -86,10 +89,15 @@ def _make_ppo_stage(kind: str, kl_coef: float | None, target_kl: float | None, s
         policy, tok = load_model(h.path("sft"), h.device)
         ref, _ = load_model(h.path("sft"), h.device)
         rm = load_reward_model(h.path("arm/rm") / "rm").to(h.device).eval()
+        prompt_text = {tuple(p["prompt_ids"]): p["prompt"] for p in load_prompts(h, "train")}
+
+        def prompts_of(prompt_ids):  # the judge of the dialogue task scores (prompt, response)
+            return [prompt_text.get(tuple(x)) or tok.decode(x, skip_special_tokens=True) for x in prompt_ids]
+
         if kind == "ppogt":  # the explicitly named upper-bound arm: PPO on the gold reward itself
             def reward_fn(prompt_ids, completion_ids):
                 texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
-                return torch.tensor(gold_reward(texts, h.cfg.task.target, h.cfg.task.gold))
+                return torch.tensor(gold_reward(texts, h.cfg.task.target, h.cfg.task.gold, prompts=prompts_of(prompt_ids)))
         else:
             reward_fn = make_reward_fn(rm, pad_id=tok.pad_token_id, autocast=h.autocast())
         gold_log: list[float] = []
@@ -98,11 +106,16 @@ def _make_ppo_stage(kind: str, kl_coef: float | None, target_kl: float | None, s
         def reward_fn(prompt_ids, completion_ids):  # noqa: F811 - monitor only: gold is logged, never returned
             scores = rm_fn(prompt_ids, completion_ids)
             texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
-            gold_log.append(float(sum(gold_reward(texts, h.cfg.task.target, h.cfg.task.gold)) / max(1, len(texts))))
+            gold = gold_reward(texts, h.cfg.task.target, h.cfg.task.gold, prompts=prompts_of(prompt_ids))
+            gold_log.append(float(sum(gold) / max(1, len(texts))))  # this rank's rollouts (all of them in one process)
             return scores
         value = value_model_from_reward_model(rm) if cfg.value_model == "separate" else None
+        policy = lora.add_adapters(policy, h.cfg.lora, seed=seed)  # same adapters as the DPO policy
+        if value is not None:
+            value.backbone = lora.add_adapters(value.backbone, h.cfg.lora, seed=seed)
         prompts = [p["prompt_ids"] for p in load_prompts(h, "train")]
-        tr = PPOTrainer(policy, ref, reward_fn, value, tok, prompts, cfg, h.device, autocast=h.autocast())
+        tr = PPOTrainer(policy, ref, reward_fn, value, tok, prompts, cfg, h.device, autocast=h.autocast(),
+                        accelerator=h.accelerator)  # None = one process; else rollouts sharded over the ranks
         t = utils.Timer()
         status = "ok"
         try:
@@ -111,6 +124,7 @@ def _make_ppo_stage(kind: str, kl_coef: float | None, target_kl: float | None, s
         except KLBlowupError as e:
             hist, status = tr.history, f"stopped: {e}"
         train_s = t.elapsed
+        policy = lora.merged(policy)
         policy.save_pretrained(out / "model")
         tok.save_pretrained(out / "model")
         utils.write_jsonl(out / "train_curve.jsonl", hist)
@@ -127,7 +141,7 @@ def _make_ppo_stage(kind: str, kl_coef: float | None, target_kl: float | None, s
                 "final": {k: v for k, v in last.items() if k.startswith(("objective/", "policy/", "val/"))}}
 
     key = lambda c: {"ppo": asdict(_ppo_config(c, kind, kl_coef, target_kl, seed)), "kind": kind, "dtype": c.dtype,  # noqa: E731
-                     "target": c.task.target, "gold": c.task.gold}
+                     "target": c.task.target, "gold": c.task.gold} | lora_key(c)
     return Stage(f"arm/{ppo_arm_id(kind, None, kl_coef, target_kl, seed)}", ("sft", "prompts", "arm/rm"), key, run, version=2)
 
 
@@ -159,15 +173,17 @@ def _make_pft_stage(seed: int) -> Stage:
 
         utils.seed_everything(seed)
         t = utils.Timer()
+        policy = lora.add_adapters(policy, h.cfg.lora, seed=seed)
         hist = train_lm(policy, batches(), steps=h.cfg.rlhf.preferred_ft_steps, lr=lr, warmup_steps=5, weight_decay=0.0,
                         grad_clip=1.0, device=h.device, autocast=h.autocast(), desc="preferred-ft")
+        policy = lora.merged(policy)
         policy.save_pretrained(out / "model")
         tok.save_pretrained(out / "model")
         utils.write_jsonl(out / "train_curve.jsonl", hist)
         return {"arm": f"pft-s{seed}", "method": "preferred_ft", "loss_type": "", "seed": seed, "time/train_s": t.elapsed,
                 "tokens_per_s": hist[-1]["tokens_per_s"], "final_loss": hist[-1]["loss"]}
 
-    key = lambda c: {"steps": c.rlhf.preferred_ft_steps, "dpo": asdict(c.dpo) if c.dpo else None, "seed": seed, "dtype": c.dtype}  # noqa: E731
+    key = lambda c: {"steps": c.rlhf.preferred_ft_steps, "dpo": asdict(c.dpo) if c.dpo else None, "seed": seed, "dtype": c.dtype} | lora_key(c)  # noqa: E731
     return Stage(f"arm/pft-s{seed}", ("sft", "prefs"), key, run)
 
 
@@ -197,7 +213,7 @@ def _make_bon_eval_stage(n: int) -> Stage:
                             return_details=True)
             gen_s += t.elapsed
             texts = tok.batch_decode(res.completions, skip_special_tokens=True)
-            gold = gold_reward(texts, h.cfg.task.target, h.cfg.task.gold)
+            gold = gold_reward(texts, h.cfg.task.target, h.cfg.task.gold, prompts=[p["prompt"] for p in prompts])
             for p, text, g, c in zip(prompts, texts, gold, res.completions, strict=True):
                 rows.append({"prompt_id": p["prompt_id"], "prompt": p["prompt"], "temperature": temp, "sample_index": 0,
                              "completion": text, "gold": g, "policy_logp": float("nan"), "ref_logp": float("nan"),
@@ -220,7 +236,7 @@ def rlhf_stages(c: SuiteConfig) -> tuple[dict[str, Stage], list[str], list[str]]
     r = c.rlhf
     stages = {"arm/rm": Stage("arm/rm", ("sft", "prefs", "prompts"), lambda c: {"rm": asdict(c.rlhf.rm), "dtype": c.dtype,
                           "heldout": c.dpo.heldout_pairs_fraction if c.dpo else 0.1, "eval_max_new": c.eval.max_new_tokens,
-                          "gold": c.task.gold}, _rm)}
+                          "gold": c.task.gold} | lora_key(c), _rm)}
     trained: list[str] = []
     grid = [(k, None) for k in r.kl_coefs] + [(None, t) for t in r.target_kls]
     if not grid:

@@ -41,7 +41,7 @@ def generate_eval_samples(model, ref_model, tokenizer, prompts: list[dict], *, t
         timing["new_tokens"] += res.tokens_generated
         texts = tokenizer.batch_decode(res.completions, skip_special_tokens=True)
         t = Timer()
-        gold = gold_reward(texts, target, gold_scorer)
+        gold = gold_reward(texts, target, gold_scorer, prompts=[p["prompt"] for p, _ in meta])
         timing["reward_s"] += t.elapsed
         # score exactly the sampled tokens (EOS included when the sample ended with it)
         comps = [c + [eos] if ended else c for c, ended in zip(res.completions, res.ended, strict=True)]

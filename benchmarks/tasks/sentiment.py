@@ -20,11 +20,15 @@ def _analyzer() -> SentimentIntensityAnalyzer:
     return _ANALYZER
 
 
-def gold_reward(texts: list[str], target: str = "positive", scorer: str = "vader") -> list[float]:
-    """Gold reward of each completion in [-1, 1]; sign flipped for target 'negative'.
+def gold_reward(texts: list[str], target: str = "positive", scorer: str = "vader",
+                prompts: list[str] | None = None) -> list[float]:
+    """Gold reward of each completion; sign flipped for target 'negative'.
 
-    scorer 'vader': VADER compound sentiment (offline, ships its lexicon). scorer 'hf:<name or path>': a
-    sentiment classifier (e.g. the paper's siebert/sentiment-roberta-large-english), score = 2 P(positive) - 1.
+    scorer 'vader': VADER compound sentiment in [-1, 1] (offline, ships its lexicon). scorer 'hf:<name or
+    path>': a sentiment classifier (e.g. the paper's siebert/sentiment-roberta-large-english), score =
+    2 P(positive) - 1. scorer 'hf-rm:<name or path>': a judge reward model's score of (prompt, completion),
+    unbounded (the dialogue task's gold; see benchmarks/tasks/dialogue.py); it needs ``prompts``, one per text.
+    The sentiment scorers ignore ``prompts``.
     """
     if target not in ("positive", "negative"):
         raise ValueError(f"target must be 'positive' or 'negative', got {target!r}")
@@ -32,9 +36,16 @@ def gold_reward(texts: list[str], target: str = "positive", scorer: str = "vader
     if scorer == "vader":
         a = _analyzer()
         return [sign * a.polarity_scores(t)["compound"] for t in texts]
+    if scorer.startswith("hf-rm:"):
+        if prompts is None or len(prompts) != len(texts):
+            raise ValueError(f"gold reward {scorer!r} judges (prompt, response): give one prompt per text "
+                             f"({0 if prompts is None else len(prompts)} prompts for {len(texts)} texts)")
+        from benchmarks.tasks.dialogue import judge_scores
+
+        return [sign * x for x in judge_scores(scorer[6:], prompts, texts)]
     if scorer.startswith("hf:"):
         return [sign * x for x in _classifier_scores(scorer[3:], texts)]
-    raise ValueError(f"task.gold must be 'vader' or 'hf:<classifier name or path>', got {scorer!r}")
+    raise ValueError(f"task.gold must be 'vader', 'hf:<classifier name or path>' or 'hf-rm:<reward model>', got {scorer!r}")
 
 
 _CLASSIFIERS: dict = {}
@@ -63,12 +74,25 @@ def _classifier_scores(name: str, texts: list[str], batch_size: int = 64) -> lis
     return out
 
 
+def chat_prompt(tokenizer, instruction: str, prefix: str) -> str:
+    """The chat-templated prompt text of the instruction-following variant: one user turn
+    ``instruction.format(prefix=prefix)`` and the assistant's generation prompt (the model's own template)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("task.chat_instruction is set but the model's tokenizer has no chat template; use an "
+                         "instruction-tuned model (e.g. SmolLM2-135M-Instruct) or leave chat_instruction empty")
+    return tokenizer.apply_chat_template([{"role": "user", "content": instruction.format(prefix=prefix)}],
+                                         add_generation_prompt=True, tokenize=False)
+
+
 def make_prompts(docs: list[str], tokenizer, *, n: int, min_tokens: int, max_tokens: int, seed: int,
-                 id_prefix: str) -> list[dict]:
+                 id_prefix: str, chat_instruction: str = "") -> list[dict]:
     """``n`` prompts: a prefix of 2-8 (min..max) tokens of distinct documents, as text plus token ids.
 
     The prefix length is drawn uniformly per document; documents shorter than the prefix + 4 tokens are
     skipped so every prompt leaves something to continue. Prompt ids start with BOS when the tokenizer has one.
+    With ``chat_instruction`` (e.g. "Continue this text: {prefix}") the prompt is instead the chat-templated
+    user turn built from the prefix, tokenised as the pairs' prompts are (``tokenizer(text)``); the row keeps
+    the raw ``prefix``.
     """
     rng = random.Random(seed)
     order = list(range(len(docs)))
@@ -83,7 +107,12 @@ def make_prompts(docs: list[str], tokenizer, *, n: int, min_tokens: int, max_tok
         text = tokenizer.decode(ids[:k])
         if "\ufffd" in text:  # byte-level BPE cut inside a multi-byte character
             continue
-        out.append({"prompt_id": f"{id_prefix}{len(out)}", "prompt": text, "prompt_ids": bos + ids[:k], "doc_index": i})
+        if chat_instruction:
+            chat = chat_prompt(tokenizer, chat_instruction, text)
+            out.append({"prompt_id": f"{id_prefix}{len(out)}", "prompt": chat, "prompt_ids": tokenizer(chat)["input_ids"],
+                        "prefix": text, "doc_index": i})
+        else:
+            out.append({"prompt_id": f"{id_prefix}{len(out)}", "prompt": text, "prompt_ids": bos + ids[:k], "doc_index": i})
         if len(out) == n:
             break
     if len(out) < n:
@@ -91,4 +120,22 @@ def make_prompts(docs: list[str], tokenizer, *, n: int, min_tokens: int, max_tok
             f"only {len(out)} documents are long enough for {id_prefix.rstrip('-')} prompts, {n} asked; "
             "lower task.n_train_prompts / task.n_eval_prompts or add text sources"
         )
+    return out
+
+
+def chat_sft_examples(docs: list[str], tokenizer, *, instruction: str, min_tokens: int, max_tokens: int,
+                      max_completion_tokens: int, seed: int) -> list[tuple[str, str]]:
+    """(chat prompt, continuation) SFT pairs of the instruction-following variant: each document is cut after
+    a random 2-8-token prefix; the rest (at most ``max_completion_tokens`` tokens) is the assistant's answer."""
+    rng = random.Random(seed)
+    out = []
+    for doc in docs:
+        ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+        k = rng.randint(min_tokens, max_tokens)
+        if len(ids) < k + 4:
+            continue
+        prefix, rest = tokenizer.decode(ids[:k]), tokenizer.decode(ids[k : k + max_completion_tokens])
+        if "\ufffd" in prefix + rest:
+            continue
+        out.append((chat_prompt(tokenizer, instruction, prefix), rest))
     return out
