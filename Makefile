@@ -8,7 +8,7 @@ ARGS  ?=
 
 .PHONY: help setup bench bench-gpu bench-multi test lint check baseline report clean-cache perf-dpo
 help:
-	@echo "make bench [SUITE=default|smoke]  run a suite end to end (set-up on first use)"
+	@echo "make bench [SUITE=default|smoke|small|paper-*]  run a suite end to end (set-up on first use)"
 	@echo "make test                         run the test suite (set-up on first use)"
 	@echo "make check                        smoke suite + regression gate vs results/baseline/"
 	@echo "make baseline                     refresh results/baseline/ (deliberately)"

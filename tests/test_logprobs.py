@@ -62,3 +62,21 @@ def test_build_labels_masks_prompt_and_padding():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="disagree"):
         token_logps(torch.zeros(1, 4, 3), torch.zeros(1, 5, dtype=torch.long))
+
+
+def test_completion_logps_skips_prompt_logits_without_changing_values(tiny_lm):
+    """completion_logps computes logits only from the shortest prompt on: equal to the full-logits sums."""
+    from methods.data import collate, completion_logps
+
+    model, tok = tiny_lm
+    prompts = [tok("The cat is")["input_ids"], tok("The dog is a good thing to")["input_ids"], tok("A")["input_ids"]]
+    comps = [tok(" a fine thing", add_special_tokens=False)["input_ids"], tok(" see", add_special_tokens=False)["input_ids"],
+             tok(" sun is bad today", add_special_tokens=False)["input_ids"]]
+    got = completion_logps(model, prompts, comps, pad_id=tok.pad_token_id)
+    b = collate(prompts, comps, tok.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    want = sequence_logps(logits, b["labels"])
+    assert torch.allclose(got, want, atol=1e-5) and got.shape == (3,) and (got < 0).all()
+    avg = completion_logps(model, prompts, comps, pad_id=tok.pad_token_id, average=True)
+    assert torch.allclose(avg, want / torch.tensor([len(c) for c in comps]), atol=1e-5)

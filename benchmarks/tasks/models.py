@@ -104,9 +104,17 @@ def load_gguf_causal_lm(spec: str, *, dtype=torch.float32):
         import gguf  # noqa: F401 - transformers' GGUF reader needs it
     except ImportError:
         raise ModelLoadError(f"base.model '{spec}' needs the 'gguf' package: pip install gguf") from None
+    from transformers.utils import logging as hf_logging
+
     folder, fname = resolve_gguf(spec)
-    loaded = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=fname, dtype=dtype)
-    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=fname)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the per-tensor de-quantisation bars flood a log
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=fname, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=fname)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
