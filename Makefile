@@ -11,7 +11,7 @@ help:
 	@echo "make bench [SUITE=default|smoke|small|paper-*]  run a suite end to end (set-up on first use)"
 	@echo "make test                         run the test suite (set-up on first use)"
 	@echo "make check                        smoke suite + regression gate vs results/baseline/"
-	@echo "make baseline                     refresh results/baseline/ (deliberately)"
+	@echo "make baseline                     refresh this machine kind's results/baseline/smoke/<kind>.json"
 	@echo "make report [SUITE=...]           HTML report + figures of the last run"
 	@echo "make perf-dpo                     DPO speed benchmark vs TRL"
 	@echo "make bench-multi [ACCEL=ddp]      a suite under accelerate launch (benchmarks/configs/accelerate/)"
@@ -42,17 +42,18 @@ bench-multi: $(STAMP)
 report: $(STAMP)
 	$(PY) -m benchmarks report --suite $(SUITE)
 
-# Regression gate: the smoke suite's metrics (and the ours/TRL step-time ratio) against results/baseline/
+# Regression gate: the smoke suite's metrics over its seeds (and the ours/TRL step-time ratio) against the
+# baseline of this machine's kind, results/baseline/smoke/<kind>.json (another kind's, with wider bands, if none)
 check: $(STAMP)
 	$(PY) -m benchmarks run --suite smoke
-	$(PY) -m benchmarks.perf.dpo_vs_trl --repeats 2 --out results/perf/dpo_vs_trl.json
-	$(PY) -m benchmarks check --run results/runs/smoke --baseline results/baseline/smoke.json --perf results/perf/dpo_vs_trl.json
+	$(PY) -m benchmarks.perf.dpo_vs_trl --variants trl,ours --repeats 3 --out results/perf/dpo_vs_trl.json
+	$(PY) -m benchmarks check --run results/runs/smoke --baseline results/baseline --perf results/perf/dpo_vs_trl.json
 
-# Refresh the committed baseline deliberately (then commit results/baseline/)
+# Refresh this machine kind's baseline deliberately: writes results/baseline/smoke/<kind>.json (then commit it)
 baseline: $(STAMP)
 	$(PY) -m benchmarks run --suite smoke
-	$(PY) -m benchmarks.perf.dpo_vs_trl --repeats 3 --out results/perf/dpo_vs_trl.json
-	$(PY) -m benchmarks baseline --run results/runs/smoke --baseline results/baseline/smoke.json --perf results/perf/dpo_vs_trl.json
+	$(PY) -m benchmarks.perf.dpo_vs_trl --variants trl,ours --repeats 3 --out results/perf/dpo_vs_trl.json
+	$(PY) -m benchmarks baseline --run results/runs/smoke --baseline results/baseline --perf results/perf/dpo_vs_trl.json
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(ARGS)

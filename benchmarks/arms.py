@@ -212,7 +212,7 @@ def arm_ids(c: SuiteConfig) -> list[str]:
                 ids.append(dpo_arm_id(c.dpo.loss_type, beta, seed))
             for lt in c.dpo.variants:
                 ids.append(dpo_arm_id(lt, c.dpo.betas[0], seed))
-            if c.dpo.trl_peer:
+            if c.dpo.trl_peer and seed == c.seeds[0]:  # the peer checks parity and speed: one seed is enough
                 ids.append(dpo_arm_id(c.dpo.loss_type, c.dpo.betas[0], seed, "trl"))
     return ids
 
@@ -232,7 +232,7 @@ def build_stages(c: SuiteConfig) -> tuple[dict[str, Stage], list[str]]:
             for lt in c.dpo.variants:
                 st = _make_dpo_stage(lt, c.dpo.betas[0], seed)
                 stages[st.name] = st
-            if c.dpo.trl_peer:
+            if c.dpo.trl_peer and seed == c.seeds[0]:
                 st = _make_trl_stage(c.dpo.loss_type, c.dpo.betas[0], seed)
                 stages[st.name] = st
     arms += arm_ids(c)

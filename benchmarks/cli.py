@@ -35,11 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("suites", help="list suites")
     p = sub.add_parser("check", help="regression gate: compare a run's summary with results/baseline/")
     p.add_argument("--run", default="results/runs/smoke", help="run folder with summary.json")
-    p.add_argument("--baseline", default="results/baseline/smoke.json")
+    p.add_argument("--baseline", default="results/baseline",
+                   help="baseline folder (<folder>/<suite>/<machine kind>.json, the run's kind chosen) or one file")
     p.add_argument("--perf", default="results/perf/dpo_vs_trl.json", help="speed benchmark JSON (optional)")
     p = sub.add_parser("baseline", help="write results/baseline/ from a run (deliberately)")
     p.add_argument("--run", default="results/runs/smoke")
-    p.add_argument("--baseline", default="results/baseline/smoke.json")
+    p.add_argument("--baseline", default="results/baseline",
+                   help="folder (writes <folder>/<suite>/<this machine's kind>.json) or a .json file")
     p.add_argument("--perf", default="results/perf/dpo_vs_trl.json")
     p = sub.add_parser("report", help="build the HTML report and figures of a run")
     p.add_argument("--run", default=None, help="run folder (default: results/runs/<suite>)")
@@ -57,11 +59,16 @@ def _gate(args) -> int:
     perf = regression.load(perf_path) if perf_path.exists() else None
     if args.cmd == "baseline":
         base = regression.compact(regression.load(run), perf)
-        utils.atomic_write_json(Path(args.baseline), base)
-        print(f"prefbench: baseline written to {args.baseline} ({len(base['arms'])} arms"
-              f"{', perf ratio' if 'perf' in base else ''})")
+        target = Path(args.baseline)
+        if target.suffix != ".json":  # a folder: one file per suite and machine kind
+            target = target / base["suite"] / f"{base['kind'] or 'unknown'}.json"
+        utils.atomic_write_json(target, base)
+        print(f"prefbench: baseline written to {target} (kind {base['kind']}, {len(base['arms'])} arms, "
+              f"seeds {base['seeds']}{', perf ratio' if 'perf' in base else ''})")
         return 0
-    rows, ok = regression.compare(regression.load(run), regression.load(Path(args.baseline)), perf)
+    current = regression.load(run)
+    rows, ok, which = regression.check(current, regression.load_baselines(Path(args.baseline), current["suite"]), perf)
+    print(which)
     print(regression.format_table(rows))
     print(f"\nprefbench check: {'PASSED' if ok else 'FAILED: a metric left its band (see REGRESSION rows)'}")
     return 0 if ok else 1

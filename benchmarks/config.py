@@ -239,7 +239,8 @@ class DPOSection:
     heldout_pairs_fraction: float = 0.1
     """Share of prompts whose pairs are held out to measure preference accuracy (by prompt id)."""
     trl_peer: bool = True
-    """Also train TRL 1.16's DPOTrainer at the first beta, same pairs and hyper-parameters."""
+    """Also train TRL 1.16's DPOTrainer at the first beta and the first seed, same pairs and hyper-parameters
+    (a parity and speed peer: its numbers equal ours, so further seeds would add cost, not information)."""
 
     def validate(self, key: str) -> None:
         _check(len(self.betas) > 0, f"{key}.betas", "give at least one beta, e.g. [0.1]")

@@ -274,6 +274,10 @@ def provenance(device: str, dtype: str) -> dict[str, Any]:
                              cwd=Path(__file__).parent).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         sha = None
+    from benchmarks.machine import machine_info
+
+    machine = machine_info(device)
     return {"git_sha": sha, "python": sys.version.split()[0], "torch": torch.__version__,
             "transformers": transformers.__version__, "trl": trl.__version__, "platform": platform.platform(),
-            "device": device, "dtype": dtype, "threads": torch.get_num_threads()}
+            "device": device, "dtype": dtype, "threads": torch.get_num_threads(), "machine_kind": machine["kind"],
+            "machine": machine}

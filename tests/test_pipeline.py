@@ -17,6 +17,7 @@ TINY = [
     "base.train.batch_size=8", "sft.steps=10", "sft.batch_size=8", "prefs.max_new_tokens=12", "dpo.heldout_pairs_fraction=0.3",
     "dpo.epochs=1", "dpo.batch_size=8", "eval.max_new_tokens=8", "rlhf.rm.epochs=1", "rlhf.ppo.iterations=2",
     "rlhf.ppo.rollout_batch_size=16", "rlhf.ppo.minibatch_size=8", "rlhf.ppo.max_new_tokens=8", "rlhf.preferred_ft_steps=5",
+    "seeds=[0]",  # smoke trains three seeds for the gate; these tests need one
 ]
 FOUNDATION = ["[    data]", "[    base]", "[     sft]", "[ prompts]", "[   prefs]"]
 
