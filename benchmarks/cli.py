@@ -1,6 +1,7 @@
 """Command line: ``prefbench <command>`` or ``python -m benchmarks <command>``.
 
   run      run a suite's stages (cached), print where the artefacts are
+  results  rebuild a run's tables from its finished stages without running any
   config   print a suite's resolved config
   stages   list stages and their cache folders for a suite
   suites   list available suites
@@ -28,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a suite (every stage cached by config hash)")
     _common(p)
     p.add_argument("--stages", default=None, help="comma-separated stages to run (default: all of the suite)")
+    p = sub.add_parser("results", help="rebuild a run's tables from its finished stages, running none")
+    _common(p)
     p = sub.add_parser("config", help="print the resolved config")
     _common(p)
     p = sub.add_parser("stages", help="list stages and cache folders")
@@ -95,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
 
             run = args.run or str(Path(load_suite(args.suite).runs_dir) / args.suite)
             return report_main(["--run", run])
+        import benchmarks.arms  # noqa: F401 - registers the built-in arm families before the config names them
+
         cfg = load_suite(args.suite, args.overrides)
         if args.cmd == "config":
             print(to_yaml(cfg), end="")
@@ -102,12 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.harness import Harness
 
         stages, default_targets = _stage_registry(cfg)
-        h = Harness(cfg, stages)
+        h = Harness(cfg, stages, run_missing=args.cmd != "results")
         if args.cmd == "stages":
             for name in stages:
                 print(f"{name:>8}  {h.stage_dir(name)}")
             return 0
-        targets = args.stages.split(",") if args.stages else default_targets
+        targets = args.stages.split(",") if getattr(args, "stages", None) else default_targets
         unknown = [t for t in targets if t not in stages]
         if unknown:
             raise ConfigError(f"unknown stage(s) {unknown}; stages are {list(stages)}")

@@ -17,6 +17,9 @@ from typing import Any, Literal
 
 import yaml
 
+from benchmarks.errors import ConfigError, check
+from benchmarks.tasks.registry import TASKS
+from methods.dpo.trainer import DPOConfig
 from methods.lora import LoRAConfig
 from methods.rlhf.ppo import PPOConfig
 from methods.rlhf.reward_model import RewardModelConfig
@@ -24,13 +27,7 @@ from methods.rlhf.reward_model import RewardModelConfig
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
-class ConfigError(ValueError):
-    """A config value is missing, unknown, of the wrong type or out of range."""
-
-
-def _check(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"config key '{key}': {msg}")
+_check = check
 
 
 # --------------------------------------------------------------------------------------------- sections
@@ -61,8 +58,8 @@ class CorpusConfig:
 
 @dataclass
 class TaskConfig:
-    name: Literal["sentiment", "dialogue"]
-    """The task. 'sentiment': the DPO paper's controlled-sentiment generation, gold reward = VADER compound.
+    name: str
+    """The task, by its registered name (``benchmarks/tasks/registry.py``). 'sentiment': the DPO paper's controlled-sentiment generation, gold reward = VADER compound.
     'dialogue': the DPO paper's single-turn dialogue (Sec. 6, Anthropic HH): answer a human query; the gold
     reward is a judge reward model's score of (prompt, response) (`gold: 'hf-rm:<name>'`); SFT text, train
     prompts and pairs come from `dataset`'s train split, eval prompts and the chosen reference response from
@@ -103,33 +100,15 @@ class TaskConfig:
     instruction-tuned model with a chat template (the 'small' suite's SmolLM2). Empty = raw prefixes."""
 
     def validate(self, key: str) -> None:
+        _check(self.name in TASKS, f"{key}.name", f"unknown task {self.name!r}; registered tasks: {sorted(TASKS)}")
         _check(self.gold == "vader" or (self.gold.startswith(("hf:", "hf-rm:")) and len(self.gold.split(":", 1)[1]) > 0),
                f"{key}.gold", f"must be 'vader', 'hf:<classifier name or path>' or 'hf-rm:<reward model name or path>', got {self.gold!r}")
-        if self.name == "sentiment":
-            _check(self.corpus is not None, f"{key}.corpus", "required for task 'sentiment': give sources and task_sources")
-            _check(not self.dataset, f"{key}.dataset", "only the 'dialogue' task reads a dataset; the sentiment task's text is task.corpus")
-        else:
-            _check(self.corpus is None, f"{key}.corpus", "unused by task 'dialogue' (its text is task.dataset); remove it")
-            _check(self.gold.startswith("hf-rm:"), f"{key}.gold",
-                   "task 'dialogue' is judged by a reward model: give 'hf-rm:<name or path>', e.g. "
-                   f"'hf-rm:OpenAssistant/reward-model-deberta-v3-large-v2', got {self.gold!r}")
-            _check(self.dataset.startswith("hf:") and len(self.dataset) > 3, f"{key}.dataset",
-                   f"task 'dialogue' needs 'hf:<hub name or local hub-layout folder>', e.g. 'hf:Anthropic/hh-rlhf', got {self.dataset!r}")
-            _check(":" not in self.dataset[3:], f"{key}.dataset",
-                   f"give the name only ({self.dataset!r} has a ':'); splits are task.train_split / task.eval_split")
-            _check(bool(self.train_split.strip()), f"{key}.train_split", "give a split name, e.g. train")
-            _check(bool(self.eval_split.strip()), f"{key}.eval_split", "give a split name, e.g. test")
-            _check(self.train_split != self.eval_split, f"{key}.eval_split",
-                   f"must differ from train_split ({self.train_split!r}): evaluation prompts must be held out")
         _check(self.max_human_turns >= 0, f"{key}.max_human_turns", f"must be >= 0 (0 = no filter), got {self.max_human_turns}")
         _check(1 <= self.prompt_min_tokens <= self.prompt_max_tokens, f"{key}.prompt_min_tokens",
                f"need 1 <= prompt_min_tokens <= prompt_max_tokens, got {self.prompt_min_tokens}, {self.prompt_max_tokens}")
         _check(self.n_train_prompts >= 1, f"{key}.n_train_prompts", "must be >= 1")
         _check(self.n_eval_prompts >= 1, f"{key}.n_eval_prompts", "must be >= 1")
-        if self.chat_instruction:
-            _check(self.name == "sentiment", f"{key}.chat_instruction", "only the 'sentiment' task builds chat prompts")
-            _check("{prefix}" in self.chat_instruction, f"{key}.chat_instruction",
-                   f"must contain '{{prefix}}' where the document prefix goes, got {self.chat_instruction!r}")
+        TASKS[self.name].validate(self, key)  # the task's own checks (benchmarks/tasks/<task>.py)
 
 
 @dataclass
@@ -219,45 +198,52 @@ class PrefsConfig:
 
 
 @dataclass
-class DPOSection:
-    betas: list[float]
+class DPOSection(DPOConfig):
+    """The DPO arms: every field of the trainer's own config (``methods.dpo.trainer.DPOConfig``: lr, optimizer,
+    batch_size, epochs, scheduler, max_length, truncation_mode, layout, pack_len, simpo_gamma, weight_decay,
+    grad_clip, ...) shared by every arm, plus the grid. Each arm's trainer config is this section with its own
+    beta, loss type and seed (``benchmarks/arms/dpo.py``); ``beta`` and ``seed`` themselves are set by the grid."""
+
+    betas: list[float] = field(default_factory=list)
     """The beta grid for the main DPO arm (one trained policy per beta and seed)."""
-    loss_type: str = "sigmoid"
-    """sigmoid (DPO) | ipo | hinge | robust | simpo."""
     variants: list[str] = field(default_factory=list)
     """Extra loss types run at the first beta (e.g. [ipo, hinge, robust, simpo])."""
-    label_smoothing: float = 0.0
-    lr: float = 1e-4
-    optimizer: Literal["adamw", "rmsprop"] = "adamw"
-    batch_size: int = 32
-    micro_batch_size: int = 0
-    epochs: float = 3.0
-    warmup_steps: int = 10
-    scheduler: str = "constant_with_warmup"
-    max_length: int = 128
-    layout: Literal["packed", "padded"] = "packed"
     heldout_pairs_fraction: float = 0.1
     """Share of prompts whose pairs are held out to measure preference accuracy (by prompt id)."""
     trl_peer: bool = True
     """Also train TRL 1.16's DPOTrainer at the first beta and the first seed, same pairs and hyper-parameters
     (a parity and speed peer: its numbers equal ours, so further seeds would add cost, not information)."""
+    # the section's defaults where they differ from the trainer's (short sequences of the tiny tasks)
+    beta: float = 0.0
+    """Unused: the grid is ``betas``."""
+    epochs: float = 3.0
+    warmup_steps: int = 10
+    max_length: int = 128
 
     def validate(self, key: str) -> None:
         _check(len(self.betas) > 0, f"{key}.betas", "give at least one beta, e.g. [0.1]")
+        _check(self.beta == 0.0, f"{key}.beta", "set the grid, dpo.betas: [..], not a single dpo.beta")
         for i, b in enumerate(self.betas):
             _check(math.isfinite(b) and b > 0, f"{key}.betas[{i}]", f"beta must be > 0, got {b}")
         valid = ("sigmoid", "ipo", "hinge", "robust", "simpo")
         for i, lt in enumerate([self.loss_type, *self.variants]):
             _check(lt in valid, f"{key}.variants[{i - 1}]" if i else f"{key}.loss_type", f"must be one of {list(valid)}, got {lt!r}")
-        _check(0.0 <= self.label_smoothing < 0.5, f"{key}.label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
-        _check(math.isfinite(self.lr) and self.lr > 0, f"{key}.lr", f"must be > 0, got {self.lr}")
-        _check(self.batch_size >= 1, f"{key}.batch_size", "must be >= 1")
-        _check(self.micro_batch_size == 0 or self.batch_size % self.micro_batch_size == 0, f"{key}.micro_batch_size",
-               f"must divide batch_size ({self.batch_size}) or be 0")
-        _check(self.epochs > 0, f"{key}.epochs", "must be > 0")
-        _check(self.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0")
-        _check(self.max_length >= 8, f"{key}.max_length", "must be >= 8")
         _check(0.0 < self.heldout_pairs_fraction < 0.5, f"{key}.heldout_pairs_fraction", "must be in (0, 0.5)")
+        for lt in [self.loss_type, *self.variants]:  # the trainer's own checks, on every arm of the grid
+            try:
+                self.arm_config(lt, self.betas[0], 0).validate()
+            except ValueError as e:
+                field_ = str(e).split()[0].removeprefix("dpo.") if str(e).startswith("dpo.") else None
+                if field_ in {f.name for f in dataclasses.fields(DPOConfig)}:
+                    raise ConfigError(f"config key '{key}.{field_}': {str(e).split(' ', 1)[1]}") from None
+                raise ConfigError(f"config section '{key}': {e}") from None
+
+    def arm_config(self, loss_type: str, beta: float, seed: int) -> DPOConfig:
+        """The trainer config of one arm of the grid (label smoothing applies to the losses that define it)."""
+        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(DPOConfig)}
+        kw.update(beta=beta, loss_type=loss_type, seed=seed, log_every=1,
+                  label_smoothing=self.label_smoothing if loss_type in ("sigmoid", "robust") else 0.0)
+        return DPOConfig(**kw)
 
 
 @dataclass
@@ -347,6 +333,12 @@ class SuiteConfig:
     """LoRA adapters (peft) instead of full fine-tuning, the same for SFT, the DPO policy, the PPO policy,
     Preferred-FT and the reward/value backbones (same adapters, same rank: both arms train the same
     parameters); merged before saving. Omit (null) for full fine-tuning."""
+    plugins: list[str] = field(default_factory=list)
+    """Python modules imported before the suite is built: an arm family defined outside prefbench registers itself
+    on import (``benchmarks/arms/registry.py``), e.g. [my_project.arms]."""
+    arms: dict[str, Any] = field(default_factory=dict)
+    """Config of plug-in arm families by family name: ``arms: {<family>: {<fields of its config_cls>}}``. A family
+    listed here runs; its fields are validated like every section (``--set arms.<family>.<field>=...``)."""
 
     def validate(self, key: str = "") -> None:
         _check(bool(self.name.strip()), "name", "give the suite a name")
@@ -364,8 +356,31 @@ class SuiteConfig:
                    "the TRL peer trains without adapters; set dpo.trl_peer: false with lora (or drop lora)")
             _check(self.rlhf is None or not self.rlhf.strong_ppo, "rlhf.strong_ppo",
                    "strong PPO's EMA reference needs full fine-tuning; set rlhf.strong_ppo: false with lora")
-        _check(self.prefs.source != "dataset" or self.task.name == "dialogue", "prefs.source",
-               "'dataset' means the task dataset's own pairs, which only task 'dialogue' has; use 'generate' or a file")
+        _check(self.prefs.source != "dataset" or TASKS[self.task.name].has_dataset_pairs, "prefs.source",
+               f"'dataset' means the task's own pairs, which task {self.task.name!r} does not have; use 'generate' or a file")
+        self._build_family_sections()
+
+    def _build_family_sections(self) -> None:
+        """Import ``plugins``, then turn each ``arms.<family>`` mapping into that family's config dataclass."""
+        import importlib
+
+        from benchmarks.arms.registry import REGISTRY
+
+        for i, m in enumerate(self.plugins):
+            try:
+                importlib.import_module(m)
+            except ImportError as e:
+                raise ConfigError(f"config key 'plugins[{i}]': cannot import {m!r} ({e}); give an importable module") from None
+        for name, section in list(self.arms.items()):
+            key = f"arms.{name}"
+            fam = REGISTRY.get(name)
+            _check(fam is not None, key, f"unknown arm family; registered families: {sorted(REGISTRY)} "
+                   "(a plug-in family registers when its module is listed in `plugins`)")
+            _check(fam.config_cls is not None, key,
+                   f"family {name!r} takes no arms section (a built-in family is configured by its own section)")
+            if not dataclasses.is_dataclass(section):
+                _check(section is None or isinstance(section, dict), key, "expected a mapping of the family's fields")
+                self.arms[name] = _build(fam.config_cls, section or {}, key)
 
 
 # --------------------------------------------------------------------------------------------- building
@@ -391,6 +406,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if dataclasses.is_dataclass(args[0]) and not isinstance(value, dict):
             raise ConfigError(f"config key '{key}': expected a mapping of {args[0].__name__} fields or null")
         return _coerce(value, args[0], key)
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"config key '{key}': expected a mapping by name, got {type(value).__name__} {value!r}")
+        return dict(value)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):

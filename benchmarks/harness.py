@@ -54,6 +54,13 @@ class Stage:
     """Writes the stage's artefacts into the folder; returns a JSON-able summary."""
     version: int = 1
     """Bump when the stage's code changes what it writes."""
+    optional: bool = False
+    """A stage only some arms need (e.g. pi_ref's log-probs for the DPO arms): like an arm, its failure is recorded
+    and the suite goes on without the stages that need it. ``arm/*`` and ``eval/*`` stages always are."""
+
+
+class StageNotFinished(RuntimeError):
+    """A stage was asked for without running it (``prefbench results``) and has not finished."""
 
 
 @dataclass
@@ -65,6 +72,8 @@ class StageResult:
     wall_s: float
     peak_rss_mb: float | None
     summary: dict
+    first_run: dict | None = None
+    """For a cached stage: wall time and peak memory measured when it really ran (from its stage.json)."""
 
     def line(self) -> str:
         if self.cached:
@@ -74,8 +83,11 @@ class StageResult:
 
 
 class Harness:
-    def __init__(self, cfg: SuiteConfig, stages: dict[str, Stage], *, root: Path | None = None, log=print):
+    def __init__(self, cfg: SuiteConfig, stages: dict[str, Stage], *, root: Path | None = None, log=print,
+                 run_missing: bool = True):
         self.cfg = cfg
+        self.run_missing = run_missing
+        """False: only read finished stages (``prefbench results``); a stage that has not run is an error."""
         self.stages = stages
         self.root = Path(root) if root else Path.cwd()
         self.cache_dir = self.root / cfg.cache_dir
@@ -126,7 +138,7 @@ class Harness:
         st = self.stages[name]
         for d in st.deps:
             if d in self.failed:
-                self.failed[name] = f"skipped: depends on failed stage {d}"
+                self.failed[name] = f"skipped: depends on failed stage {d} ({self.failed[d]})"
                 raise RuntimeError(self.failed[name])
             self.run_stage(d)
         final = self.stage_dir(name)
@@ -144,7 +156,10 @@ class Harness:
     def _run_locked(self, name: str, st: Stage, final: Path, meta_path: Path, t) -> StageResult:
         if meta_path.exists():
             meta = json.loads(meta_path.read_text())
-            res = StageResult(name, self.stage_hash(name), final, True, t.elapsed, None, meta["summary"])
+            res = StageResult(name, self.stage_hash(name), final, True, t.elapsed, None, meta["summary"],
+                              {k: meta.get(k) for k in ("wall_s", "peak_rss_mb", "cuda_peak_mb", "finished_at")})
+        elif not self.run_missing:
+            raise StageNotFinished(f"stage {name} has not finished (no {meta_path}); `prefbench run` runs it")
         else:
             self._clean_stale_tmp(final)
             utils.reset_peak_rss()
@@ -220,7 +235,7 @@ class Harness:
             utils.atomic_write_text(run_dir / "resolved_config.yaml", to_yaml(self.cfg))
         t = utils.Timer()
         for name in targets:
-            if not name.startswith(("arm/", "eval/")):
+            if not (name.startswith(("arm/", "eval/")) or self.stages[name].optional):
                 self.run_stage(name)  # the shared foundation: a failure here stops the suite
                 continue
             try:  # an arm that fails is recorded and the suite goes on with the others
@@ -232,7 +247,8 @@ class Harness:
                     self.failed[name] = f"{type(e).__name__}: {e}"
                 self.log(f"[{name}] FAILED: {type(e).__name__}: {e} (the suite goes on)")
         index = {n: {"hash": r.hash, "path": str(r.path), "cached": r.cached, "wall_s": r.wall_s,
-                     "peak_rss_mb": r.peak_rss_mb, "summary": r.summary} for n, r in self.results.items()}
+                     "peak_rss_mb": r.peak_rss_mb, "first_run": r.first_run, "summary": r.summary}
+                 for n, r in self.results.items()}
         if not self.dist.is_main:
             return self.results
         utils.atomic_write_json(run_dir / "stages.json", {"suite": self.cfg.name, "config": to_dict(self.cfg),

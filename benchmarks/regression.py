@@ -26,10 +26,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks import utils
+from benchmarks.arms import registry
+from benchmarks.arms.registry import config_id
 
 Z = 3.0
 PERF_SLACK = 1.25
@@ -38,26 +41,18 @@ FLOORS = {"gold": 0.03, "win_vs_sft": 0.03, "kl": 0.1}
 METRICS = ("gold", "win_vs_sft", "kl")
 # the machine term used against a kind for which no pair of kinds has been measured yet
 DEFAULT_MACHINE = {"gold": 0.05, "win_vs_sft": 0.05, "kl": 0.2}
-_SEED = re.compile(r"-s\d+$")
-
-
-def config_id(arm: str) -> str:
-    """``dpo-sigmoid-b0.1-s2`` -> ``dpo-sigmoid-b0.1`` (arms without a seed are their own configuration)."""
-    return _SEED.sub("", arm)
-
-
 def _main_rows(summary: dict) -> dict[str, dict]:
-    temps = sorted({a["temperature"] for a in summary["arms"]})
-    t = 1.0 if 1.0 in temps else temps[-1]
+    t = utils.headline_temperature({a["temperature"] for a in summary["arms"]})
     return {a["arm"]: a for a in summary["arms"] if a["temperature"] == t}
 
 
 def _gated(cid: str, method: str | None, metric: str) -> bool:
-    """Which metrics of a configuration the gate reads: not the reference's win rate against itself nor its KL
-    (both fixed by definition), not best-of-N's KL (analytic, log N - (N-1)/N)."""
-    if cid == "sft":
+    """Which metrics of a configuration the gate reads (from the arm registry): not the reference's win rate against
+    itself nor its KL (fixed by definition), not an analytic KL (best-of-N's log N - (N-1)/N)."""
+    info = registry.method(method or cid)
+    if info.kind == "reference":
         return metric == "gold"
-    return not (metric == "kl" and method == "best_of_n")
+    return not (metric == "kl" and info.kl != "sampled")
 
 
 def _value(row: dict, metric: str) -> float:

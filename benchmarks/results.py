@@ -15,22 +15,27 @@ import numpy as np
 import pandas as pd
 
 from benchmarks import utils
+from benchmarks.arms.registry import config_id, describe, method
 from benchmarks.evaluators.metrics import arm_metrics
 from benchmarks.evaluators.stats import seeds_prompts_ci
 
-# the noise floor measured by comparing the reference with itself under a new sampling seed (shared/ASSETS.md)
+# the noise floor: the reference compared with itself under a new evaluation sampling seed
 NOISE = {"gold": 0.03, "win_vs_sft": 0.03}
+
+
+# typed hyper-parameter columns: DPO's beta, best-of-N's N (bon_n; `n` counts samples), PPO's (initial) KL coefficient and target KL
+HPARAMS = ("beta", "bon_n", "kl_coef", "target_kl")
 
 
 def _arm_meta(name: str, summary: dict | None) -> dict:
     if name == "sft":
-        return {"method": "sft", "loss_type": "", "beta": np.nan, "seed": 0, "train_s": 0.0}
+        return {"method": "sft", "config": "sft", "loss_type": "", **{k: np.nan for k in HPARAMS}, "seed": 0, "train_s": 0.0}
     s = summary or {}
-    return {"method": s.get("method", name.split("-")[0]), "loss_type": s.get("loss_type", ""),
-            "beta": s.get("beta", np.nan), "seed": s.get("seed", 0), "train_s": s.get("time/train_s", np.nan),
+    return {"method": s.get("method", name.split("-")[0]), "config": config_id(name), "loss_type": s.get("loss_type", ""),
+            **{k: s.get(k, np.nan) for k in HPARAMS}, "seed": s.get("seed", 0), "train_s": s.get("time/train_s", np.nan),
             "train_tokens_per_s": s.get("tokens_per_s", np.nan), "heldout_acc": s.get("heldout_acc_after", np.nan),
             "rm_accuracy": s.get("rm_accuracy", np.nan), "rm_gold_pearson": s.get("rm_gold_pearson", np.nan),
-            "target_kl": s.get("target_kl", np.nan), **{k: s[k] for k in s if k.startswith("time/") and k.endswith("_s")}}
+            **{k: s[k] for k in s if k.startswith("time/") and k.endswith("_s")}}
 
 
 def collect(h, run_dir: Path) -> dict:
@@ -48,7 +53,9 @@ def collect(h, run_dir: Path) -> dict:
         arm_stage = res.get(f"arm/{arm}")
         meta = _arm_meta(arm, arm_stage.summary if arm_stage else r.summary if "method" in r.summary else None)
         if arm_stage is not None:
-            meta["train_peak_rss_mb"] = arm_stage.peak_rss_mb
+            # measured when the stage really ran (a cached stage carries its first run's figure)
+            meta["train_peak_rss_mb"] = arm_stage.peak_rss_mb if arm_stage.peak_rss_mb is not None else \
+                (arm_stage.first_run or {}).get("peak_rss_mb")
         for temp, g in samples[samples.arm == arm].groupby("temperature"):
             g = g.set_index(key).sort_index()
             ref = sft.loc[g.index]
@@ -59,10 +66,9 @@ def collect(h, run_dir: Path) -> dict:
             m["outside_noise"] = bool(abs(m["gold_minus_sft"]) > NOISE["gold"] and abs(m["win_vs_sft"] - 0.5) > NOISE["win_vs_sft"])
             rows.append({"arm": arm, "temperature": temp, **meta, **m,
                          "eval_generation_s": r.summary.get("generation_s"), "eval_new_tokens": r.summary.get("new_tokens")})
-    order = {"sft": 0, "preferred_ft": 1, "best_of_n": 2, "dpo": 3, "trl_dpo": 4, "ppo": 5, "strong_ppo": 6, "ppo_gt": 7}
     summary = pd.DataFrame(rows)
-    summary["_o"] = summary.method.map(order).fillna(9)
-    summary = summary.sort_values(["_o", "method", "loss_type", "beta", "seed", "temperature"]).drop(columns="_o")
+    summary["_o"] = summary.method.map(lambda m: method(m).order)
+    summary = summary.sort_values(["_o", "method", "loss_type", *HPARAMS, "seed", "temperature"]).drop(columns="_o")
     by_config = _by_config(samples, summary, h.cfg.eval.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     _atomic_parquet(samples, run_dir / "samples.parquet")
@@ -77,10 +83,13 @@ def collect(h, run_dir: Path) -> dict:
     for n, r in res.items():
         if n.startswith("arm/") and (r.path / "train_curve.jsonl").exists():
             curves[n[4:]] = utils.read_jsonl(r.path / "train_curve.jsonl")
-    t_main = 1.0 if (summary.temperature == 1.0).any() else summary.temperature.max()
+    # one-way data flow: the run folder holds everything the report reads (it never reaches into the cache)
+    for arm, rows in curves.items():
+        utils.write_jsonl(run_dir / "curves" / f"{arm.replace('/', '__')}.jsonl", rows)
+    t_main = utils.headline_temperature(summary.temperature)
     diags = run_diagnostics(summary[summary.temperature == t_main].to_dict("records"), curves)
     out = {"suite": h.cfg.name, "provenance": provenance(h.device, h.cfg.dtype), "seeds": h.cfg.seeds,
-           "noise_floor": NOISE, "arms": summary.replace({np.nan: None}).to_dict("records"),
+           "noise_floor": NOISE, "methods": describe(summary.method.unique()), "arms": summary.replace({np.nan: None}).to_dict("records"),
            "by_config": by_config.replace({np.nan: None}).to_dict("records"), "failed_arms": failed,
            "diagnostics": diags}
     out["comparisons"] = comparisons(summary[summary.temperature == t_main])
@@ -89,20 +98,27 @@ def collect(h, run_dir: Path) -> dict:
 
 
 def comparisons(main: pd.DataFrame) -> dict:
-    """DPO vs PPO at matched KL, and the compute-normalised cost of reaching a target gold reward."""
+    """Each offline-preference method against each on-policy / reranking method at matched KL (registry kinds; peers
+    left out), and the compute-normalised cost of reaching a target gold reward."""
     from benchmarks.evaluators.stats import prob_a_beats_b_at_matched_kl
 
-    def pts(methods):
-        g = main[main.method.isin(methods)]
+    kinds = {m: method(m) for m in main.method.unique()}
+
+    def pts(m):
+        g = main[main.method == m]
         return [(r.kl, r.gold, (r.gold_high - r.gold_low) / (2 * 1.96)) for r in g.itertuples()]
 
-    out = {"dpo_vs_ppo_at_matched_kl": prob_a_beats_b_at_matched_kl(pts(["dpo"]), pts(["ppo"])),
-           "dpo_vs_best_of_n_at_matched_kl": prob_a_beats_b_at_matched_kl(pts(["dpo"]), pts(["best_of_n"]))}
-    sft = main[main.method == "sft"]
-    trained = main[~main.method.isin(["sft", "best_of_n"])]
+    out: dict = {}
+    offline = [m for m, i in kinds.items() if i.kind == "offline_preference" and not i.peer_of]
+    others = [m for m, i in kinds.items() if i.kind in ("on_policy_rl", "reranking") and not i.peer_of]
+    for a in sorted(offline, key=lambda m: kinds[m].order):
+        for b in sorted(others, key=lambda m: kinds[m].order):
+            out[f"{a}_vs_{b}_at_matched_kl"] = prob_a_beats_b_at_matched_kl(pts(a), pts(b))
+    sft = main[main.method.map(lambda m: kinds[m].kind == "reference")]
+    trained = main[main.method.map(lambda m: kinds[m].kind not in ("reference", "reranking"))]
     if len(sft) and len(trained):
-        # target: halfway between the reference and the best non-oracle arm (PPO-GT sees gold: excluded)
-        best = trained[trained.method != "ppo_gt"].gold.max()
+        # target: halfway between the reference and the best non-oracle arm (an oracle sees gold: excluded)
+        best = trained[trained.method.map(lambda m: kinds[m].kind != "oracle")].gold.max()
         target = float(sft.gold.iloc[0] + 0.5 * (best - sft.gold.iloc[0]))
         cost = {}
         for m, g in trained.groupby("method"):
@@ -115,7 +131,8 @@ def comparisons(main: pd.DataFrame) -> dict:
 
 
 def _by_config(samples: pd.DataFrame, summary: pd.DataFrame, seed: int) -> pd.DataFrame:
-    cols = ["method", "loss_type", "beta", "temperature"]
+    """One row per configuration (the arm id without its seed) and temperature, aggregated over seeds."""
+    cols = ["config", "method", "loss_type", *HPARAMS, "temperature"]
     rows = []
     for k, g in summary.groupby(cols, dropna=False):
         arms = g.arm.tolist()
@@ -145,12 +162,12 @@ def print_table(summary: dict, temperature: float | None = None) -> str:
     """The headline table as text (one line per arm at one temperature)."""
     arms = summary["arms"]
     temps = sorted({a["temperature"] for a in arms})
-    t = temperature if temperature in temps else (1.0 if 1.0 in temps else temps[-1])
+    t = temperature if temperature in temps else utils.headline_temperature(temps)
     lines = [f"{'arm':<26} {'T':>4} {'gold [95% CI]':>22} {'win vs SFT':>11} {'win vs ch.':>10} {'KL':>7} {'len':>5} {'dist-2':>6}"]
     for a in arms:
         if a["temperature"] != t:
             continue
-        flag = "" if a["method"] == "sft" or a["outside_noise"] else " ~"
+        flag = "" if method(a["method"]).kind == "reference" or a["outside_noise"] else " ~"
         wc = a.get("win_vs_chosen")
         lines.append(f"{a['arm']:<26} {t:>4g} {a['gold']:>7.3f} [{a['gold_low']:.3f},{a['gold_high']:.3f}] "
                      f"{a['win_vs_sft']:>11.3f} {wc if wc is not None else float('nan'):>10.3f} {a['kl']:>7.2f} "

@@ -17,6 +17,16 @@ from typing import Any
 import numpy as np
 
 
+# ------------------------------------------------------------------------------------------ headline temperature
+def headline_temperature(temperatures) -> float:
+    """The temperature of every headline number (tables, gate, comparisons, report): 1.0 if evaluated, else the
+    highest evaluated (the one place this choice is made)."""
+    temps = sorted(float(t) for t in temperatures if t == t)  # NaN-free
+    if not temps:
+        return float("nan")
+    return 1.0 if any(abs(t - 1.0) < 1e-9 for t in temps) else temps[-1]
+
+
 # ------------------------------------------------------------------------------------------ atomic writes
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temp file in the same folder + ``os.replace``: readers see the old
@@ -25,6 +35,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: keep the permissions a plain open() would give
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -34,6 +45,12 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

@@ -8,6 +8,8 @@ tokenizer's special tokens, e.g. BOS) and the completion starts where the two to
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from methods.logprobs import IGNORE_INDEX, sequence_logps
@@ -85,3 +87,38 @@ def completion_logps(model, prompts: list[list[int]], completions: list[list[int
                            logits_to_keep=b["input_ids"].shape[1] - start).logits
         out.append(sequence_logps(logits, b["labels"][:, start:], average=average).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
+
+
+@dataclass
+class PairExample:
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+
+    @property
+    def n_tokens_padded_layout(self) -> int:
+        return 2 * len(self.prompt) + len(self.chosen) + len(self.rejected)
+
+    @property
+    def n_tokens_packed(self) -> int:
+        return len(self.prompt) + len(self.chosen) + len(self.rejected)
+
+
+def tokenize_pairs(tokenizer, rows, *, max_length: int, truncation_mode: str) -> tuple[list[PairExample], int]:
+    """TRL-style tokenisation of prompt/chosen/rejected rows, truncated as configured; returns the number cut."""
+    out, n_cut = [], 0
+    for r in rows:
+        p, (c, j) = tokenize_prompt_completions(tokenizer, r["prompt"], [r["chosen"], r["rejected"]])
+        p1, c, cut1 = truncate(p, c, max_length, truncation_mode)
+        p2, j, cut2 = truncate(p, j, max_length, truncation_mode)
+        if p1 != p2:  # keep_end cut the prompt differently for the two: use the shorter common prompt
+            keep = min(len(p1), len(p2))
+            p1 = p1[len(p1) - keep :]
+            c, j = c[-(max_length - keep) :], j[-(max_length - keep) :]
+        if not c or not j:
+            raise ValueError(f"pair with prompt {r['prompt'][:60]!r}: the prompt fills max_length={max_length}; raise max_length")
+        n_cut += cut1 or cut2
+        out.append(PairExample(p1, c, j))
+    if not out:
+        raise ValueError("empty preference dataset: no pairs to train on")
+    return out, n_cut

@@ -57,11 +57,3 @@ def build_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_l
     pos = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]  # [1, T]
     keep = (pos >= prompt_lens[:, None]) & attention_mask.bool()
     return torch.where(keep, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
-
-
-def model_token_logps(model, input_ids, attention_mask, labels, *, position_ids=None, return_logits=False):
-    """Forward the model once and return per-token log-probs [B, T-1] and mask (and logits if asked)."""
-    kw = {"position_ids": position_ids} if position_ids is not None else {}
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw).logits
-    lp, mask = token_logps(logits, labels)
-    return (lp, mask, logits) if return_logits else (lp, mask)

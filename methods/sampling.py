@@ -23,6 +23,14 @@ class Samples:
     tokens_generated: int
 
 
+def derive_seed(*parts: int) -> int:
+    """A 62-bit seed derived from integers (numpy SeedSequence hashing: no correlated neighbours); the one way every
+    method turns (run seed, iteration, row, ...) into a per-row sampling seed."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 2)
+
+
 def _cache_kw(model) -> str:
     """transformers >= 5.2x renamed `past_key_values` to `cache`; accept both."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

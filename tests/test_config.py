@@ -26,6 +26,13 @@ def test_every_shipped_suite_resolves():
         ("device=tpu", "device"),
         ("seed=1.5", "seed"),
         ("prefs.min_gap=true", "prefs.min_gap"),
+        ("dpo.optimizer=sgd", "dpo.optimizer"),  # the DPO section is the trainer's DPOConfig: its checks, its keys
+        ("dpo.pack_len=100", "dpo.pack_len"),
+        ("dpo.truncation_mode=middle", "dpo.truncation_mode"),
+        ("dpo.beta=0.3", "dpo.beta"),
+        ("dpo.variants=[kto]", "dpo.variants[0]"),
+        ("task.name=nope", "task.name"),
+        ("arms.nope.x=1", "arms.nope"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

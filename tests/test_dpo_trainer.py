@@ -10,7 +10,6 @@ import torch
 from methods.dpo.trainer import (
     DPOConfig,
     DPOTrainer,
-    cached_reference_logps,
     compute_reference_logps,
     tokenize_pairs,
 )
@@ -102,18 +101,6 @@ def test_training_raises_margins_and_held_out_accuracy(ref_and_tok):
     assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
             "logps/rejected", "loss", "grad_norm", "examples_seen", "tokens_seen", "tokens_per_s"} <= set(hist[-1])
     assert hist[-1]["examples_seen"] == 12 * 16
-
-
-def test_reference_logps_cached_on_disk(tmp_path):
-    calls = []
-
-    def compute():
-        calls.append(1)
-        return {"chosen": torch.tensor([-1.0]), "rejected": torch.tensor([-2.0])}
-
-    a, hit1 = cached_reference_logps(tmp_path / "ref.pt", compute)
-    b, hit2 = cached_reference_logps(tmp_path / "ref.pt", compute)
-    assert calls == [1] and not hit1 and hit2 and torch.equal(a["chosen"], b["chosen"])
 
 
 @pytest.mark.parametrize("kw, field", [

@@ -80,6 +80,17 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
     assert [f.name for f in tmp_path.iterdir()] == ["x.json"]  # no temp file left behind
 
 
+def test_atomic_write_gives_the_permissions_of_a_plain_write(tmp_path):
+    old = os.umask(0o022)
+    try:
+        utils.atomic_write_text(tmp_path / "report.html", "x")
+        (tmp_path / "plain.html").write_text("x")
+    finally:
+        os.umask(old)
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "report.html") == mode(tmp_path / "plain.html") == 0o644  # readable by a teammate
+
+
 def test_atomic_dir_is_all_or_nothing(tmp_path):
     final = tmp_path / "stage"
     with pytest.raises(KeyError), utils.atomic_dir(final) as d:

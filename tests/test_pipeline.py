@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks.tasks import corpus
 
@@ -51,11 +52,12 @@ def test_foundation_runs_offline_and_reuses_cache(tmp_path):
     assert arms["dpo-sigmoid-b0.1-s0"]["kl"] != 0.0  # trained weights differ from pi_ref
     assert summary["provenance"]["torch"] and (tmp_path / "runs" / "smoke" / "samples.parquet").exists()
     pairs = datasets.load_from_disk(idx["stages"]["prefs"]["path"] + "/pairs")
-    assert {"prompt", "chosen", "rejected", "score_chosen", "score_rejected", "ref_chosen_logps",
-            "ref_rejected_logps"} <= set(pairs.column_names)
+    assert {"prompt", "chosen", "rejected", "score_chosen", "score_rejected"} <= set(pairs.column_names)
     assert len(pairs) > 10
     assert all(abs(a - b) >= 0.05 for a, b in zip(pairs["score_chosen"], pairs["score_rejected"], strict=True))
-    assert all(lp < 0 for lp in pairs["ref_chosen_logps"])
+    ref = torch.load(Path(idx["stages"]["reflogps"]["path"]) / "reflogps.pt", weights_only=True)  # one stage, every DPO arm
+    r = idx["stages"]["reflogps"]["summary"]
+    assert len(ref["chosen"]) == r["train_pairs"] + r["heldout_pairs"] == len(pairs) and (ref["chosen"] < 0).all()
     assert idx["stages"]["sft"]["summary"]["heldout_loss_after"] < idx["stages"]["sft"]["summary"]["heldout_loss_before"]
 
     again = _run(tmp_path)

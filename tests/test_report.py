@@ -63,7 +63,7 @@ def _ppo_curve(n: int = 12) -> list[dict]:
 
 
 def make_run(root, *, failed: dict | None = None, diagnostics: list | None = None):
-    """A minimal run folder (+ stage cache folders) under ``root``; returns the run folder."""
+    """A minimal run folder under ``root`` (no cache: the report must not need one); returns the run folder."""
     run = root / "runs" / "tiny"
     run.mkdir(parents=True)
     cache = root / "cache"
@@ -89,8 +89,7 @@ def make_run(root, *, failed: dict | None = None, diagnostics: list | None = Non
     for arm, method, lt, beta, _ in ARMS[1:]:
         if method == "best_of_n":
             continue
-        folder = cache / "arm" / arm / "h"
-        folder.mkdir(parents=True)
+        folder = cache / "arm" / arm / "h"  # recorded in stages.json, never created: the report reads the run folder only
         summ = {"arm": arm, "method": method, "loss_type": lt, "beta": beta, "seed": 0, "time/train_s": 3.0,
                 "tokens_per_s": 1000.0}
         if method == "dpo":
@@ -104,11 +103,12 @@ def make_run(root, *, failed: dict | None = None, diagnostics: list | None = Non
             curve = _ppo_curve()
         else:
             curve = None  # preferred-ft: no curve file -> listed as missing
-        if curve is not None:
-            (folder / "train_curve.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve))
-        (folder / "stage.json").write_text(json.dumps({"peak_rss_mb": 512.0, "summary": summ}))
+        if curve is not None:  # the results step copies each arm's curve into the run folder
+            (run / "curves").mkdir(exist_ok=True)
+            (run / "curves" / f"{arm}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve))
         stages[f"arm/{arm}"] = {"cached": method != "ppo", "path": str(folder), "summary": summ, "wall_s": 3.1,
-                                "peak_rss_mb": 600.0 if method == "ppo" else None}
+                                "peak_rss_mb": 600.0 if method == "ppo" else None,
+                                "first_run": {"peak_rss_mb": 512.0} if method != "ppo" else None}
     (run / "stages.json").write_text(json.dumps({"suite": "tiny", "wall_s": 12.0, "failed": failed or {},
                                                  "stages": stages, "config": {"dpo": {"batch_size": 16}}}))
     (run / "resolved_config.yaml").write_text("name: tiny\ndpo:\n  batch_size: 16\nseeds: [0]\n")
@@ -183,11 +183,14 @@ def test_one_colour_per_method_in_every_figure(built):
 
     run, _, _ = built
     assert F.COLORBLIND == sns.color_palette("colorblind").as_hex()
-    colours = {m: F.method_color(m) for m in F.METHOD_ORDER}
+    colours = {m: F.method_color(m) for m in F.method_order()}
     assert len(set(colours.values())) == len(colours)  # distinct
-    assert F.method_color("dpo") == F.method_color("dpo") == F.METHOD_COLORS["dpo"]
+    assert F.method_color("dpo") == F.method_color("dpo") == "#0173b2"  # from the arm registry
     assert F.method_color("some_new_method") == F.method_color("some_new_method")  # stable for unknown methods
     data = F.load_run(run)
+    assert not (run.parent.parent / "cache").exists()  # curves and peak memory came from the run folder alone
+    assert {"dpo-sigmoid-b0.1-s0", "ppo-kl0.05-s0"} <= set(data.curves)
+    assert data.stages["stages"]["arm/dpo-sigmoid-b0.1-s0"]["peak_rss_mb"] == 512.0  # first run's, stage cached
     assert data.curves["trl-sigmoid-b0.1-s0"]["examples_seen"].iloc[0] == 16  # step x dpo.batch_size
     assert "pft-s0" in data.missing_curves
     front = F.frontier(data.arms)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.tasks.sentiment import gold_reward
 from benchmarks.utils import Timer, text_hash
 from methods.data import completion_logps
 from methods.sampling import sample
@@ -21,9 +20,9 @@ def eval_seed(seed: int, prompt_id: str, temperature: float, k: int) -> int:
 
 @torch.no_grad()
 def generate_eval_samples(model, ref_model, tokenizer, prompts: list[dict], *, temperatures: list[float], n: int,
-                          max_new_tokens: int, seed: int, target: str, gold: str = "vader", autocast=None) -> tuple[list[dict], dict]:
-    """Rows for every (prompt, temperature, sample index) and per-phase timings."""
-    gold_scorer = gold
+                          max_new_tokens: int, seed: int, gold_fn, autocast=None) -> tuple[list[dict], dict]:
+    """Rows for every (prompt, temperature, sample index) and per-phase timings; ``gold_fn(texts, prompts)`` is the
+    task's gold reward (``benchmarks.tasks.registry.task_gold``)."""
     rows: list[dict] = []
     timing = {"generation_s": 0.0, "reward_s": 0.0, "logprob_s": 0.0, "new_tokens": 0}
     eos = tokenizer.eos_token_id
@@ -41,7 +40,7 @@ def generate_eval_samples(model, ref_model, tokenizer, prompts: list[dict], *, t
         timing["new_tokens"] += res.tokens_generated
         texts = tokenizer.batch_decode(res.completions, skip_special_tokens=True)
         t = Timer()
-        gold = gold_reward(texts, target, gold_scorer, prompts=[p["prompt"] for p, _ in meta])
+        gold = gold_fn(texts, [p["prompt"] for p, _ in meta])
         timing["reward_s"] += t.elapsed
         # score exactly the sampled tokens (EOS included when the sample ended with it)
         comps = [c + [eos] if ended else c for c, ended in zip(res.completions, res.ended, strict=True)]

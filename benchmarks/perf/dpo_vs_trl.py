@@ -5,7 +5,7 @@ Run ``python -m benchmarks.perf.dpo_vs_trl`` (``--help`` for the flags). It prin
 
 Workload (identical for every variant)
     A Llama-style model from ``build_tiny_llama`` (default 4 layers, hidden 256, 4 heads, intermediate 1024,
-    vocab 4096: ~5 M parameters, the size of the TRL anchor in shared/ASSETS.md) with random weights and a
+    vocab 4096: ~5 M parameters, the size of the tiny models the suites train) with random weights and a
     byte-level BPE tokenizer trained on Debian fortunes, saved once with ``save_pretrained`` to a temp folder
     that every worker loads (TRL needs a loadable folder / an explicit ``ref_model``). Preference pairs:
     prompt = a 2-8-token prefix of a fortune, chosen / rejected = two different 10-40-token snippets of other

@@ -28,6 +28,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from benchmarks import utils
+from benchmarks.arms import registry
+
 SINGLE_COL_IN = 3.3
 DOUBLE_COL_IN = 6.9
 PNG_DPI = 200
@@ -37,33 +40,10 @@ PNG_DPI = 200
 COLORBLIND = ["#0173b2", "#de8f05", "#029e73", "#d55e00", "#cc78bc",
               "#ca9161", "#fbafe4", "#949494", "#ece133", "#56b4e9"]
 
-METHOD_ORDER = ["sft", "preferred_ft", "best_of_n", "dpo", "trl_dpo", "ppo", "strong_ppo", "ppo_gt"]
-METHOD_COLORS: dict[str, str] = {
-    "sft": "#949494",           # grey: the reference
-    "preferred_ft": "#ca9161",  # brown
-    "best_of_n": "#cc78bc",     # purple-pink
-    "dpo": "#0173b2",           # blue
-    "trl_dpo": "#56b4e9",       # sky blue (the DPO peer)
-    "ppo": "#d55e00",           # vermillion
-    "strong_ppo": "#de8f05",    # orange (PPO family)
-    "ppo_gt": "#029e73",        # green (PPO on the gold reward: an upper bound)
-}
-METHOD_MARKERS: dict[str, str] = {
-    "sft": "*", "preferred_ft": "P", "best_of_n": "D", "dpo": "o", "trl_dpo": "s",
-    "ppo": "^", "strong_ppo": "v", "ppo_gt": "X",
-}
-METHOD_LABELS: dict[str, str] = {
-    "sft": "SFT (reference)", "preferred_ft": "Preferred-FT", "best_of_n": "Best-of-N", "dpo": "DPO",
-    "trl_dpo": "TRL DPO", "ppo": "PPO", "strong_ppo": "PPO (strong)", "ppo_gt": "PPO (gold reward)",
-}
-# peers (an outside implementation of a method) are drawn hollow and dashed, so that a peer that reproduces
-# the method exactly does not hide it
-PEER_METHODS = {"trl_dpo"}
-_SPARE_COLORS = ["#fbafe4", "#ece133", "#000000", "#666666"]
-_SPARE_MARKERS = ["h", "p", "<", ">", "d"]
+# Methods (label, colour, marker, kind, peer) come from the arm registry (benchmarks/arms/registry.py): one fixed
+# colour and marker per method in every figure; peers (an outside implementation of a method) are drawn hollow and
+# dashed, so that a peer that reproduces the method exactly does not hide it.
 LINESTYLES = ["-", "--", ":", "-."]
-DPO_FAMILY = {"dpo", "trl_dpo"}
-PPO_FAMILY = {"ppo", "strong_ppo", "ppo_gt"}
 # phases are not methods: a sequential palette so that no phase is read as a method colour
 PHASES = [("generation", "generation"), ("reward", "reward scoring"),
           ("forward", "reference / value forward"), ("update", "update / train step"), ("other", "other")]
@@ -71,30 +51,31 @@ PHASE_COLORS = ["#00204d", "#414d6b", "#7c7b78", "#bcaf6f", "#e6e6e6"]
 PHASE_HATCH = ["", "///", "", "...", ""]
 
 
-def _stable_index(name: str, n: int) -> int:
-    return sum(ord(c) * (i + 1) for i, c in enumerate(name)) % n
-
-
 def method_color(method: str) -> str:
     """The colour of ``method`` in every figure (hex). Unknown methods get a stable spare colour."""
-    if method in METHOD_COLORS:
-        return METHOD_COLORS[method]
-    return _SPARE_COLORS[_stable_index(str(method), len(_SPARE_COLORS))]
+    return registry.method(method).color
 
 
 def method_marker(method: str) -> str:
-    if method in METHOD_MARKERS:
-        return METHOD_MARKERS[method]
-    return _SPARE_MARKERS[_stable_index(str(method), len(_SPARE_MARKERS))]
+    return registry.method(method).marker
 
 
 def method_filled(method: str) -> bool:
-    return method not in PEER_METHODS
+    return registry.method(method).peer_of is None
 
 
 def method_linestyle(method: str, i: int = 0) -> str:
     """Line style of the ``i``-th configuration of ``method`` in one panel (peers start dashed)."""
-    return LINESTYLES[(i + (1 if method in PEER_METHODS else 0)) % len(LINESTYLES)]
+    return LINESTYLES[(i + (0 if method_filled(method) else 1)) % len(LINESTYLES)]
+
+
+def is_reference(method: str) -> bool:
+    return registry.method(method).kind == "reference"
+
+
+def method_order() -> list[str]:
+    """Every registered method in display order (tables and legends)."""
+    return list(registry.methods())
 
 
 FILLSTYLES = ["full", "bottom", "left", "top", "right"]
@@ -113,14 +94,14 @@ def marker_style(method: str, i: int = 0) -> dict:
 
 
 def method_label(method: str, loss_type: str | None = None) -> str:
-    base = METHOD_LABELS.get(method, str(method))
+    base = registry.method(method).label
     if loss_type and isinstance(loss_type, str) and loss_type != "sigmoid":
         return f"{base} ({loss_type})"
     return base
 
 
 def method_rank(method: str) -> int:
-    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    return registry.method(method).order
 
 
 def _num(x: Any) -> float:
@@ -132,28 +113,32 @@ def _num(x: Any) -> float:
 
 
 def best_of_n_n(row: Mapping) -> int | None:
-    """N of a best-of-N arm: stored in ``beta`` by the suite, else parsed from the arm name (``bon-n4``)."""
-    b = _num(row.get("beta"))
-    if not math.isnan(b):
-        return int(round(b))
+    """N of a best-of-N arm: its ``bon_n`` column (older runs stored it in ``beta``), else the arm name (``bon-n4``)."""
+    for col in ("bon_n", "beta"):
+        b = _num(row.get(col))
+        if not math.isnan(b):
+            return int(round(b))
     m = re.search(r"n(\d+)", str(row.get("arm", "")))
     return int(m.group(1)) if m else None
 
 
 def config_label(row: Mapping) -> str:
-    """A short human label of one arm's hyper-parameters (seed left out)."""
+    """A short human label of one arm's hyper-parameters (seed left out), from the typed columns."""
     method = str(row.get("method", ""))
-    if method == "sft":
+    info = registry.method(method)
+    if info.kind == "reference":
         return "SFT"
-    if method == "best_of_n":
-        n = best_of_n_n(row)
-        return f"Best-of-{n}" if n else "Best-of-N"
+    if info.kl == "analytic" and best_of_n_n(row):
+        return f"Best-of-{best_of_n_n(row)}"
     label = method_label(method, row.get("loss_type"))
     tk = _num(row.get("target_kl"))
-    if method in PPO_FAMILY and not math.isnan(tk):
+    if not math.isnan(tk):
         return f"{label} KL\u2192{tk:g}"
-    b = _num(row.get("beta"))
-    return f"{label} \u03b2={b:g}" if not math.isnan(b) else label
+    for col in ("beta", "kl_coef"):
+        b = _num(row.get(col))
+        if not math.isnan(b):
+            return f"{label} \u03b2={b:g}"
+    return label
 
 
 # --------------------------------------------------------------------------------------------- style
@@ -217,7 +202,7 @@ def _empty(ax, text: str) -> None:
 NUMERIC = ["temperature", "beta", "seed", "gold", "gold_low", "gold_high", "win_vs_sft", "win_vs_sft_low",
            "win_vs_sft_high", "win_vs_chosen", "win_vs_chosen_low", "win_vs_chosen_high", "kl", "kl_low", "kl_high",
            "length", "distinct_1", "distinct_2", "train_s", "train_peak_rss_mb", "train_tokens_per_s",
-           "rm_accuracy", "rm_gold_pearson", "target_kl"]
+           "rm_accuracy", "rm_gold_pearson", "target_kl", "kl_coef", "bon_n"]
 
 
 def tidy_summary(df: pd.DataFrame) -> pd.DataFrame:
@@ -227,7 +212,7 @@ def tidy_summary(df: pd.DataFrame) -> pd.DataFrame:
         if c in df:
             df[c] = pd.to_numeric(df[c], errors="coerce")
     if "loss_type" in df:
-        df["loss_type"] = df["loss_type"].fillna("").astype(str)
+        df["loss_type"] = df["loss_type"].map(lambda x: "" if pd.isna(x) else str(x))
     else:
         df["loss_type"] = ""
     if "method" not in df:
@@ -290,9 +275,9 @@ def frontier(summary_df: pd.DataFrame, temperature: float = 1.0) -> Figure:
     if df.empty:
         _empty(ax, "no evaluated arms")
         return fig
-    sft = df[df.method == "sft"]
+    sft = df[df.method.map(is_reference)]
     if not sft.empty:
-        ax.axhline(float(sft.gold.mean()), color=method_color("sft"), lw=0.7, ls=(0, (4, 3)), zorder=1)
+        ax.axhline(float(sft.gold.mean()), color=method_color(sft.method.iloc[0]), lw=0.7, ls=(0, (4, 3)), zorder=1)
     variants = loss_variants(df)
     groups = sorted(df.groupby(["method", "loss_type"], sort=False),
                     key=lambda kv: (method_rank(kv[0][0]), kv[0][0], variants[kv[0]]))
@@ -300,18 +285,18 @@ def frontier(summary_df: pd.DataFrame, temperature: float = 1.0) -> Figure:
         color, marker = method_color(method), method_marker(method)
         variant = variants[(method, loss_type)]
         ls = method_linestyle(method, variant)
-        kl = g.kl.fillna(0.0) if method == "sft" else g.kl
+        kl = g.kl.fillna(0.0) if is_reference(method) else g.kl
         filled = method_filled(method)
         ax.errorbar(kl, g.gold, xerr=_err(g.kl, g.get("kl_low"), g.get("kl_high")),
                     yerr=_err(g.gold, g.get("gold_low"), g.get("gold_high")), fmt="none", ecolor=color,
                     elinewidth=0.6, alpha=0.8, zorder=2)
         ax.plot(kl, g.gold, ls="none", ms=6 if marker == "*" else (4.2 if filled else 5.2), zorder=4 if filled else 5,
                 label=method_label(method, loss_type), **marker_style(method, variant))
-        keys = [c for c in ("beta", "target_kl") if c in g]
+        keys = [c for c in ("beta", "bon_n", "kl_coef", "target_kl") if c in g]
         means = g.groupby(keys, dropna=False)[["kl", "gold"]].mean().sort_values("kl") if keys else g[["kl", "gold"]]
         if len(means) > 1:
             ax.plot(means.kl, means.gold, color=color, ls=ls, lw=0.9, zorder=3)
-        if method == "best_of_n":
+        if registry.method(method).kl == "analytic":  # best-of-N: label each point with its N
             for _, r in g.iterrows():
                 n = best_of_n_n(r)
                 if n:
@@ -329,7 +314,7 @@ def win_vs_temperature(summary_df: pd.DataFrame) -> Figure:
     """Win rate vs the SFT reference against sampling temperature, one line per arm, CIs as error bars
     (DPO paper Fig. 3). With a single temperature the arms are points dodged around it."""
     df = tidy_summary(summary_df)
-    df = df[df.method != "sft"].dropna(subset=["win_vs_sft", "temperature"])
+    df = df[~df.method.map(is_reference)].dropna(subset=["win_vs_sft", "temperature"])
     fig = _new_figure(SINGLE_COL_IN, 3.0)
     ax = fig.add_subplot()
     ax.axhline(0.5, color=method_color("sft"), lw=0.7, ls=(0, (4, 3)), zorder=1, label="SFT (= 0.5)")
@@ -370,9 +355,11 @@ def win_vs_temperature(summary_df: pd.DataFrame) -> Figure:
 
 
 def _family(method: str | None, df: pd.DataFrame) -> str | None:
-    if method in DPO_FAMILY or (method not in PPO_FAMILY and "rewards/margins" in df):
+    """Which row of the training-curve figure an arm goes to: the registry's curve layout of its method."""
+    layout = registry.method(method).curves if method else None
+    if layout == "preference" or (layout is None and "rewards/margins" in df):
         return "dpo"
-    if method in PPO_FAMILY or "objective/kl" in df:
+    if layout == "rl" or (layout is None and "objective/kl" in df):
         return "ppo"
     return None
 
@@ -579,22 +566,15 @@ class RunData:
     missing_curves: list[str] = field(default_factory=list)
 
 
-def _resolve_stage_path(p: str | None, run_dir: Path) -> Path | None:
-    if not p:
-        return None
-    path = Path(p)
-    cands = [path] if path.is_absolute() else [Path.cwd() / path, run_dir / path, run_dir.parent.parent.parent / path]
-    return next((c for c in cands if c.exists()), None)
-
-
 def load_run(run_dir: str | Path) -> RunData:
-    """Read ``summary.json`` (or ``summary.csv``), ``samples.parquet``, ``stages.json``, ``resolved_config.yaml``
-    and each arm stage's ``train_curve.jsonl``. Cached stages have no peak RSS in ``stages.json``: it is taken
-    from the stage folder's own ``stage.json`` (measured when the stage really ran) where that still exists."""
+    """Read the run folder only (never the cache): ``summary.json`` (or ``summary.csv``), ``samples.parquet``,
+    ``stages.json``, ``resolved_config.yaml`` and ``curves/<arm>.jsonl``. A stage reused from the cache has the peak
+    memory measured when it really ran (``first_run`` in ``stages.json``)."""
     run_dir = Path(run_dir)
     summary: dict = {}
     if (run_dir / "summary.json").exists():
         summary = json.loads((run_dir / "summary.json").read_text())
+        registry.remember(summary.get("methods") or {})  # plug-in methods this process has not imported
         arms = pd.DataFrame(summary.get("arms", []))
     elif (run_dir / "summary.csv").exists():
         arms = pd.read_csv(run_dir / "summary.csv")
@@ -626,37 +606,31 @@ def load_run(run_dir: str | Path) -> RunData:
         arm = name[4:]
         s = rec.get("summary") or {}
         run.methods.setdefault(arm, s.get("method", arm.split("-")[0]))
-        folder = _resolve_stage_path(rec.get("path"), run_dir)
-        if folder is not None and rec.get("peak_rss_mb") is None and (folder / "stage.json").exists():
-            with contextlib.suppress(ValueError, OSError):
-                own = json.loads((folder / "stage.json").read_text())
-                if own.get("peak_rss_mb") is not None:
-                    rec["peak_rss_mb"] = own["peak_rss_mb"]
-                    rec["peak_rss_source"] = "stage folder (first run)"
-        curve = folder / "train_curve.jsonl" if folder is not None else None
-        if curve is None or not curve.exists():
+        first = rec.get("first_run") or {}
+        if rec.get("peak_rss_mb") is None and first.get("peak_rss_mb") is not None:
+            rec["peak_rss_mb"] = first["peak_rss_mb"]
+            rec["peak_rss_source"] = "first run (stage reused from the cache)"
+        curve = run_dir / "curves" / f"{arm.replace('/', '__')}.jsonl"
+        if not curve.exists():
             run.missing_curves.append(arm)
             continue
         with open(curve, encoding="utf-8") as f:
             df = pd.DataFrame([json.loads(line) for line in f if line.strip()])
-        # TRL logs optimizer steps only; its global batch is the suite's dpo.batch_size (methods/baselines/trl_dpo)
-        if "examples_seen" not in df and "step" in df and run.methods[arm] == "trl_dpo" and dpo_bs:
+        # a peer that logs optimizer steps only (TRL): its global batch is the suite's dpo.batch_size
+        if "examples_seen" not in df and "step" in df and registry.method(run.methods[arm]).curves == "preference" and dpo_bs:
             df["examples_seen"] = pd.to_numeric(df["step"], errors="coerce") * int(dpo_bs)
         run.curves[arm] = df
     return run
 
 
 def headline_temperature(arms: pd.DataFrame) -> float:
-    """The temperature of the headline table: 1.0 if evaluated, else the highest."""
-    temps = sorted(float(t) for t in pd.unique(arms["temperature"].dropna())) if not arms.empty else []
-    if not temps:
-        return float("nan")
-    return 1.0 if any(math.isclose(t, 1.0) for t in temps) else temps[-1]
+    """The temperature of the headline table (``benchmarks.utils.headline_temperature``)."""
+    return utils.headline_temperature(pd.unique(arms["temperature"].dropna())) if not arms.empty else float("nan")
 
 
 def pick_ppo_arm(run: RunData) -> str | None:
     """The PPO run shown on its own: the first PPO arm with a curve (proxy-RM PPO before the others)."""
-    cands = [a for a, m in run.methods.items() if m in PPO_FAMILY and a in run.curves]
+    cands = [a for a, m in run.methods.items() if registry.method(m).curves == "rl" and a in run.curves]
     cands.sort(key=lambda a: (method_rank(run.methods[a]), a))
     return cands[0] if cands else None
 

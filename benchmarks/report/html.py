@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks import utils
+from benchmarks.arms import registry
 from benchmarks.report import figures as F
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -102,9 +103,10 @@ def headline_rows(run: F.RunData, temperature: float) -> list[dict]:
         peak = r.get("train_peak_rss_mb")
         if not _isnum(peak) and r["arm"] in perf.index:
             peak = perf.loc[r["arm"], "peak_rss_mb"]
-        within = method != "sft" and not bool(r.get("outside_noise"))
+        ref = F.is_reference(method)
+        within = not ref and not bool(r.get("outside_noise"))
         rm = ""
-        if method == "ppo_gt":
+        if registry.method(method).kind == "oracle":
             rm = "not used (gold reward)"
         elif _isnum(r.get("rm_accuracy")) or _isnum(r.get("rm_gold_pearson")):
             rm = f"acc {fmt(r.get('rm_accuracy'), '.2f')} / r {fmt(r.get('rm_gold_pearson'), '.2f')}"
@@ -113,7 +115,7 @@ def headline_rows(run: F.RunData, temperature: float) -> list[dict]:
             "config": F.config_label(r), "color": F.method_color(method), "seed": fmt(r.get("seed"), ".0f"),
             "gold": fmt_ci(r, "gold"), "win_sft": fmt_ci(r, "win_vs_sft"), "win_chosen": fmt_ci(r, "win_vs_chosen"),
             "kl": fmt_ci(r, "kl", ".2f"), "length": fmt(r.get("length"), ".1f"), "distinct2": fmt(r.get("distinct_2")),
-            "train_s": fmt(r.get("train_s"), ".1f") if method != "sft" else "\u2013",
+            "train_s": fmt(r.get("train_s"), ".1f") if not ref else "\u2013",
             "tokens_per_s": fmt(r.get("train_tokens_per_s"), ",.0f"), "peak_mb": fmt(peak, ",.0f"),
             "rm": rm, "within_noise": within,
         })
@@ -206,7 +208,7 @@ def build_context(run: F.RunData, fig_paths: dict, fig_errors: dict) -> dict:
         "failed": _failed(summary.get("failed_arms", run.stages.get("failed"))),
         "samples": sample_browser(run, t),
         "note": NOTE.format(gold=noise.get("gold", "?"), win=noise.get("win_vs_sft", "?")),
-        "legend": [{"label": F.method_label(m), "color": F.method_color(m)} for m in F.METHOD_ORDER
+        "legend": [{"label": F.method_label(m), "color": F.method_color(m)} for m in F.method_order()
                    if m in set(run.methods.values())],
     }
 

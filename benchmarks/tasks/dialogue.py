@@ -9,10 +9,15 @@ used as its model card shows: ``tokenizer(question, answer)`` -> one logit).
 
 from __future__ import annotations
 
+import random
+import statistics
 from collections import Counter
 from pathlib import Path
 
+from benchmarks import utils
+from benchmarks.errors import check
 from benchmarks.tasks.prefs import PreferenceDataError, _describe
+from benchmarks.tasks.registry import Task, load_prompts, register_task
 
 HUMAN = "\n\nHuman:"
 ASSISTANT = "\n\nAssistant:"
@@ -147,3 +152,113 @@ def judge_scores(name: str, prompts: list[str], responses: list[str], batch_size
                       max_length=max_len, return_tensors="pt").to(device)
             out += model(**enc).logits[:, 0].float().cpu().tolist()
     return out
+
+
+# ------------------------------------------------------------------------------------------------ the task
+@register_task
+class DialogueTask(Task):
+    """The paper's single-turn dialogue (Sec. 6, Anthropic HH): SFT text, train prompts and pairs from
+    ``task.dataset``'s train split, eval prompts and the chosen reference response from its eval split, gold =
+    the judge reward model of ``task.gold`` scoring (prompt, response)."""
+
+    name = "dialogue"
+    has_dataset_pairs = True
+
+    def validate(self, t, key: str) -> None:
+        check(t.corpus is None, f"{key}.corpus", "unused by task 'dialogue' (its text is task.dataset); remove it")
+        check(t.gold.startswith("hf-rm:"), f"{key}.gold",
+              "task 'dialogue' is judged by a reward model: give 'hf-rm:<name or path>', e.g. "
+              f"'hf-rm:OpenAssistant/reward-model-deberta-v3-large-v2', got {t.gold!r}")
+        check(t.dataset.startswith("hf:") and len(t.dataset) > 3, f"{key}.dataset",
+              f"task 'dialogue' needs 'hf:<hub name or local hub-layout folder>', e.g. 'hf:Anthropic/hh-rlhf', got {t.dataset!r}")
+        check(":" not in t.dataset[3:], f"{key}.dataset",
+              f"give the name only ({t.dataset!r} has a ':'); splits are task.train_split / task.eval_split")
+        check(bool(t.train_split.strip()), f"{key}.train_split", "give a split name, e.g. train")
+        check(bool(t.eval_split.strip()), f"{key}.eval_split", "give a split name, e.g. test")
+        check(t.train_split != t.eval_split, f"{key}.eval_split",
+              f"must differ from train_split ({t.train_split!r}): evaluation prompts must be held out")
+        check(not t.chat_instruction, f"{key}.chat_instruction", "only the 'sentiment' task builds chat prompts")
+
+    def data_key(self, c) -> dict:
+        t = c.task
+        return {"task": "dialogue", "dataset": t.dataset, "train_split": t.train_split, "eval_split": t.eval_split,
+                "max_human_turns": t.max_human_turns}
+
+    def data(self, h, out: Path) -> dict:
+        """HH-format dataset -> single-turn (prompt, chosen, rejected) pairs of the train and eval splits; the SFT
+        text is the chosen conversations (the paper's SFT on preferred completions)."""
+        t = h.cfg.task
+        summary: dict = {"dataset": t.dataset}
+        pairs = {}
+        for split_key, split in (("train", t.train_split), ("eval", t.eval_split)):
+            raw = load_split(t.dataset, split)
+            rows, dropped = parse_rows(raw, max_human_turns=t.max_human_turns,
+                                       source=f"task.dataset '{t.dataset}' split '{split}'")
+            utils.write_jsonl(out / f"{split_key}_pairs.jsonl", rows)
+            pairs[split_key] = rows
+            summary[split_key] = {"split": split, "rows": len(raw), "pairs": len(rows), "dropped": dropped,
+                                  "prompts": len({r["prompt"] for r in rows})}
+        train_docs = list(dict.fromkeys(r["prompt"] + r["chosen"] for r in pairs["train"]))
+        held_docs = list(dict.fromkeys(r["prompt"] + r["chosen"] for r in pairs["eval"]))
+        utils.atomic_write_json(out / "docs.json", {"general_train": train_docs, "task_train": train_docs,
+                                                    "task_heldout": held_docs})
+        return {**summary, "general_train": len(train_docs), "task_train": len(train_docs), "task_heldout": len(held_docs),
+                "chars_general": sum(map(len, train_docs))}
+
+    def prompts_key(self, c) -> dict:
+        return {"task": "dialogue"}
+
+    def prompts(self, h, out: Path, tokenizer) -> dict:
+        """Distinct prompts of each split (a seeded sample of at most n_train/n_eval_prompts, each at most
+        prompt_max_tokens tokens); an eval prompt carries the dataset's chosen response, the win-rate reference."""
+        t = h.cfg.task
+        summary: dict = {}
+        for split, n in (("train", t.n_train_prompts), ("eval", t.n_eval_prompts)):
+            chosen: dict[str, str] = {}
+            for r in utils.read_jsonl(h.path("data") / f"{split}_pairs.jsonl"):
+                chosen.setdefault(r["prompt"], r["chosen"])  # the first pair's chosen response of each prompt
+            texts = sorted(chosen)
+            random.Random(f"{h.cfg.seed}/{split}").shuffle(texts)
+            rows, too_long = [], 0
+            for text in texts:
+                ids = tokenizer(text)["input_ids"]  # as tokenize_prompt_completions cuts the pairs' prompts
+                if len(ids) > t.prompt_max_tokens:
+                    too_long += 1
+                    continue
+                row = {"prompt_id": f"{split}-{len(rows)}", "prompt": text, "prompt_ids": ids}
+                rows.append(row | ({"chosen": chosen[text]} if split == "eval" else {}))
+                if len(rows) == n:
+                    break
+            if not rows:
+                raise ValueError(f"no {split} prompt of the dialogue dataset has <= task.prompt_max_tokens "
+                                 f"({t.prompt_max_tokens}) tokens; raise it")
+            utils.write_jsonl(out / f"{split}.jsonl", rows)
+            summary.update({f"n_{split}": len(rows), f"{split}_prompts_too_long": too_long,
+                            f"{split}_mean_prompt_tokens": statistics.mean(len(r["prompt_ids"]) for r in rows)})
+        return summary
+
+    def evalref(self, h, out: Path) -> dict:
+        """The reference of win rate vs chosen: the eval split's chosen response of each prompt, scored by the
+        judge like every arm's samples."""
+        import pandas as pd
+
+        t = h.cfg.task
+        prompts = load_prompts(h, "eval")
+        gold = self.gold(t, [p["chosen"] for p in prompts], [p["prompt"] for p in prompts])
+        df = pd.DataFrame({"prompt_id": [p["prompt_id"] for p in prompts], "chosen": [p["chosen"] for p in prompts],
+                           "chosen_gold": gold})
+        df.to_parquet(out / "chosen.parquet", index=False)
+        return {"prompts": len(df), "chosen_gold_mean": float(df.chosen_gold.mean()), "source": f"{t.dataset}:{t.eval_split}"}
+
+    def dataset_pairs(self, h) -> list[dict]:
+        """The dataset's own pairs of the train prompts kept by the prompts stage; the judge scores both responses
+        (label_agrees_with_gold = how often the judge sides with the human label)."""
+        t = h.cfg.task
+        ids = {q["prompt"]: q["prompt_id"] for q in load_prompts(h, "train")}
+        rows = [{**r, "prompt_id": ids[r["prompt"]]} for r in utils.read_jsonl(h.path("data") / "train_pairs.jsonl")
+                if r["prompt"] in ids]
+        prm = [r["prompt"] for r in rows]
+        for col in ("chosen", "rejected"):
+            for r, g in zip(rows, self.gold(t, [r[col] for r in rows], prm), strict=True):
+                r[f"score_{col}"] = g
+        return rows

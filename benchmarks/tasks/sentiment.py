@@ -7,71 +7,15 @@ sentiment; the gold reward is VADER's compound score of the completion, in [-1, 
 from __future__ import annotations
 
 import random
+import statistics
+from dataclasses import asdict
+from pathlib import Path
 
-from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-_ANALYZER: SentimentIntensityAnalyzer | None = None
-
-
-def _analyzer() -> SentimentIntensityAnalyzer:
-    global _ANALYZER
-    if _ANALYZER is None:
-        _ANALYZER = SentimentIntensityAnalyzer()
-    return _ANALYZER
-
-
-def gold_reward(texts: list[str], target: str = "positive", scorer: str = "vader",
-                prompts: list[str] | None = None) -> list[float]:
-    """Gold reward of each completion; sign flipped for target 'negative'.
-
-    scorer 'vader': VADER compound sentiment in [-1, 1] (offline, ships its lexicon). scorer 'hf:<name or
-    path>': a sentiment classifier (e.g. the paper's siebert/sentiment-roberta-large-english), score =
-    2 P(positive) - 1. scorer 'hf-rm:<name or path>': a judge reward model's score of (prompt, completion),
-    unbounded (the dialogue task's gold; see benchmarks/tasks/dialogue.py); it needs ``prompts``, one per text.
-    The sentiment scorers ignore ``prompts``.
-    """
-    if target not in ("positive", "negative"):
-        raise ValueError(f"target must be 'positive' or 'negative', got {target!r}")
-    sign = 1.0 if target == "positive" else -1.0
-    if scorer == "vader":
-        a = _analyzer()
-        return [sign * a.polarity_scores(t)["compound"] for t in texts]
-    if scorer.startswith("hf-rm:"):
-        if prompts is None or len(prompts) != len(texts):
-            raise ValueError(f"gold reward {scorer!r} judges (prompt, response): give one prompt per text "
-                             f"({0 if prompts is None else len(prompts)} prompts for {len(texts)} texts)")
-        from benchmarks.tasks.dialogue import judge_scores
-
-        return [sign * x for x in judge_scores(scorer[6:], prompts, texts)]
-    if scorer.startswith("hf:"):
-        return [sign * x for x in _classifier_scores(scorer[3:], texts)]
-    raise ValueError(f"task.gold must be 'vader', 'hf:<classifier name or path>' or 'hf-rm:<reward model>', got {scorer!r}")
-
-
-_CLASSIFIERS: dict = {}
-
-
-def _classifier_scores(name: str, texts: list[str], batch_size: int = 64) -> list[float]:
-    """2 P(positive) - 1 from a sequence classifier whose labels include a positive class."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    if name not in _CLASSIFIERS:
-        tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForSequenceClassification.from_pretrained(name).eval()
-        labels = {v.lower(): int(k) for k, v in model.config.id2label.items()}
-        pos = next((labels[k] for k in ("positive", "pos", "label_1") if k in labels), None)
-        if pos is None:
-            raise ValueError(f"classifier {name} has no positive label among {list(labels)}")
-        _CLASSIFIERS[name] = (tok, model, pos)
-    tok, model, pos = _CLASSIFIERS[name]
-    out: list[float] = []
-    with torch.no_grad():
-        for i in range(0, len(texts), batch_size):
-            enc = tok(texts[i : i + batch_size], padding=True, truncation=True, max_length=512, return_tensors="pt")
-            p = torch.softmax(model(**enc).logits.float(), -1)[:, pos]
-            out += (2 * p - 1).tolist()
-    return out
+from benchmarks import utils
+from benchmarks.errors import check
+from benchmarks.tasks import corpus as corpus_mod
+from benchmarks.tasks.gold import gold_reward  # noqa: F401 - the scorer, re-exported
+from benchmarks.tasks.registry import Task, load_docs, register_task
 
 
 def chat_prompt(tokenizer, instruction: str, prefix: str) -> str:
@@ -139,3 +83,56 @@ def chat_sft_examples(docs: list[str], tokenizer, *, instruction: str, min_token
             continue
         out.append((chat_prompt(tokenizer, instruction, prefix), rest))
     return out
+
+
+# ------------------------------------------------------------------------------------------------ the task
+@register_task
+class SentimentTask(Task):
+    """Controlled sentiment generation: text from ``task.corpus``, prompts = document prefixes, gold = ``task.gold``
+    (VADER by default) with the sign of ``task.target``."""
+
+    name = "sentiment"
+
+    def validate(self, t, key: str) -> None:
+        check(t.corpus is not None, f"{key}.corpus", "required for task 'sentiment': give sources and task_sources")
+        check(not t.dataset, f"{key}.dataset", "only the 'dialogue' task reads a dataset; the sentiment task's text is task.corpus")
+        if t.chat_instruction:
+            check("{prefix}" in t.chat_instruction, f"{key}.chat_instruction",
+                  f"must contain '{{prefix}}' where the document prefix goes, got {t.chat_instruction!r}")
+
+    def data_key(self, c) -> dict:
+        return {"corpus": asdict(c.task.corpus)}
+
+    def data(self, h, out: Path) -> dict:
+        c = h.cfg.task.corpus
+        general, task_train, task_heldout, per_source = [], [], [], {}
+        for src in c.sources:
+            docs = corpus_mod.load_documents(src, min_chars=c.min_chars, max_chars=c.max_chars, limit=c.max_docs_per_source)
+            per_source[src] = len(docs)
+            for d in docs:
+                held = (utils.text_hash(d) % 10_000) < c.heldout_fraction * 10_000  # split by document, stable
+                if src in c.task_sources:
+                    (task_heldout if held else task_train).append(d)
+                if not held:
+                    general.append(d)
+        utils.atomic_write_json(out / "docs.json", {"general_train": general, "task_train": task_train,
+                                                    "task_heldout": task_heldout})
+        return {"docs_per_source": per_source, "general_train": len(general), "task_train": len(task_train),
+                "task_heldout": len(task_heldout), "chars_general": sum(map(len, general))}
+
+    def prompts_key(self, c) -> dict:
+        return {"chat_instruction": c.task.chat_instruction} if c.task.chat_instruction else {}
+
+    def prompts(self, h, out: Path, tokenizer) -> dict:
+        t = h.cfg.task
+        docs = load_docs(h)
+        train = make_prompts(docs["task_train"], tokenizer, n=t.n_train_prompts, min_tokens=t.prompt_min_tokens,
+                             max_tokens=t.prompt_max_tokens, seed=h.cfg.seed, id_prefix="train-",
+                             chat_instruction=t.chat_instruction)
+        ev = make_prompts(docs["task_heldout"], tokenizer, n=t.n_eval_prompts, min_tokens=t.prompt_min_tokens,
+                          max_tokens=t.prompt_max_tokens, seed=h.cfg.seed + 1, id_prefix="eval-",
+                          chat_instruction=t.chat_instruction)
+        utils.write_jsonl(out / "train.jsonl", train)
+        utils.write_jsonl(out / "eval.jsonl", ev)
+        return {"n_train": len(train), "n_eval": len(ev),
+                "mean_prompt_tokens": statistics.mean(len(p["prompt_ids"]) - 1 for p in train + ev)}

@@ -12,10 +12,9 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from methods.sampling import sample
+from methods.sampling import derive_seed, sample
 
 
 @dataclass
@@ -33,8 +32,7 @@ class BestOfNResult:
     tokens_generated: int
 
 
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 2)
+_seed = derive_seed
 
 
 def best_of_n(model, tokenizer, prompts: Sequence[Sequence[int]], n: int, reward_fn: Callable, max_new_tokens: int,

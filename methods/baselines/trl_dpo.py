@@ -1,7 +1,7 @@
 """The peer arm: TRL 1.16's ``DPOTrainer`` on the same pairs, reference and hyper-parameters as ours.
 
 Only the mapping of our ``DPOConfig`` onto TRL's lives here; TRL does the training. Per-step metrics are
-read from ``trainer._metrics["train"]`` in a callback (TRL 1.16 keeps them there, see shared/ASSETS.md).
+read from ``trainer._metrics["train"]`` in a callback (TRL 1.16 keeps them there; its logging callbacks only see averages).
 """
 
 from __future__ import annotations

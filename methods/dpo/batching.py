@@ -14,27 +14,10 @@ Two layouts, one log-prob core (``methods.logprobs.logps_at``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from methods.data import collate
+from methods.data import PairExample, collate  # noqa: F401 - PairExample re-exported
 from methods.logprobs import logps_at, token_logps
-
-
-@dataclass
-class PairExample:
-    prompt: list[int]
-    chosen: list[int]
-    rejected: list[int]
-
-    @property
-    def n_tokens_padded_layout(self) -> int:
-        return 2 * len(self.prompt) + len(self.chosen) + len(self.rejected)
-
-    @property
-    def n_tokens_packed(self) -> int:
-        return len(self.prompt) + len(self.chosen) + len(self.rejected)
 
 
 def _reduce(lp: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

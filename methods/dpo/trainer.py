@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from methods.checkpointing import CheckpointMixin, check_same_config, rng_state, set_rng_state
-from methods.data import tokenize_prompt_completions, truncate
+from methods.data import tokenize_pairs  # noqa: F401 - re-exported: the DPO arm's tokenisation
 from methods.distributed import Dist
 from methods.dpo.batching import PairExample, batch_to, make_batch, pair_logps
 from methods.dpo.losses import preference_loss, simpo_loss, uses_average_logps, validate_dpo_hparams
@@ -111,26 +111,6 @@ class DPOConfig:
 
 
 # ------------------------------------------------------------------------------------------------ data
-def tokenize_pairs(tokenizer, rows, *, max_length: int, truncation_mode: str) -> tuple[list[PairExample], int]:
-    """TRL-style tokenisation of prompt/chosen/rejected rows, truncated as configured; returns the number cut."""
-    out, n_cut = [], 0
-    for r in rows:
-        p, (c, j) = tokenize_prompt_completions(tokenizer, r["prompt"], [r["chosen"], r["rejected"]])
-        p1, c, cut1 = truncate(p, c, max_length, truncation_mode)
-        p2, j, cut2 = truncate(p, j, max_length, truncation_mode)
-        if p1 != p2:  # keep_end cut the prompt differently for the two: use the shorter common prompt
-            keep = min(len(p1), len(p2))
-            p1 = p1[len(p1) - keep :]
-            c, j = c[-(max_length - keep) :], j[-(max_length - keep) :]
-        if not c or not j:
-            raise ValueError(f"pair with prompt {r['prompt'][:60]!r}: the prompt fills max_length={max_length}; raise max_length")
-        n_cut += cut1 or cut2
-        out.append(PairExample(p1, c, j))
-    if not out:
-        raise ValueError("empty preference dataset: no pairs to train on")
-    return out, n_cut
-
-
 @torch.no_grad()
 def compute_reference_logps(ref_model, examples: list[PairExample], *, pad_id: int, batch_size: int = 64,
                             autocast=None, layout: str = "packed") -> dict[str, torch.Tensor]:
@@ -145,20 +125,6 @@ def compute_reference_logps(ref_model, examples: list[PairExample], *, pad_id: i
             parts.append(tuple(t.float().cpu() for t in pair_logps(ref_model, b)))
     cs, rs, cm, rm = (torch.cat([p[k] for p in parts]) for k in range(4))
     return {"chosen": cs, "rejected": rs, "chosen_mean": cm, "rejected_mean": rm}
-
-
-def cached_reference_logps(cache_file: Path | None, compute: Callable[[], dict]) -> tuple[dict, bool]:
-    """Load reference log-probs from ``cache_file`` if present, else compute and write them atomically
-    (under several processes every rank computes them and only the main one writes)."""
-    if cache_file is not None and cache_file.exists():
-        return torch.load(cache_file), True
-    ref = compute()
-    if cache_file is not None and Dist().is_main:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".tmp{random.getrandbits(32)}")
-        torch.save(ref, tmp)
-        tmp.replace(cache_file)
-    return ref, False
 
 
 # ------------------------------------------------------------------------------------------------ trainer

@@ -77,7 +77,7 @@ from methods.rlhf.ppo_core import (
     policy_loss,
     value_loss,
 )
-from methods.sampling import sample
+from methods.sampling import derive_seed, sample
 
 VALUE_MODES = ("separate", "shared")
 NORM_STATS = ("first", "running")
@@ -201,9 +201,7 @@ def config_dict(cfg: PPOConfig) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _seed(*parts: int) -> int:
-    """A 62-bit seed derived from integers (numpy SeedSequence hashing: no correlated neighbours)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 2)
+_seed = derive_seed
 
 
 class _Timers:

@@ -6,7 +6,7 @@ on the same preference pairs (and the same token sequences) that DPO sees.
   (``pooling="mean"``). ``from_causal_lm`` initialises it from pi_ref, the DPO paper's / Ziegler et al.'s setup.
   ``token_values`` applies the head at every position: the per-token value model of PPO ([N-details]).
 * :class:`SeqClsRewardModel`: any ``AutoModelForSequenceClassification`` (``num_labels=1``) as the scorer,
-  e.g. the all-MiniLM-L6-v2 encoder of ASSETS.md (its own tokenizer: score texts, not policy token ids).
+  e.g. an all-MiniLM-L6-v2 encoder (its own tokenizer: score texts, not policy token ids).
 * :func:`bradley_terry_loss` is a pure function of the two reward vectors; :func:`train_reward_model` is a
   small loop around it; :func:`gold_correlation` compares RM scores with the gold reward for reports.
 
@@ -352,7 +352,7 @@ class RewardModelConfig:
     """Any transformers scheduler name: linear (N-details: lr decayed linearly to 0), cosine, constant_with_warmup."""
     grad_clip: float = 1.0
     pooling: str = "last"
-    """last (hidden state of the last non-pad token, TRL/N-details) | mean (masked mean, ASSETS' prototype)."""
+    """last (hidden state of the last non-pad token, TRL/N-details) | mean (masked mean over the sequence)."""
     center_coef: float = 0.0
     """TRL's center_rewards_coefficient (Eisenstein et al. 2023): pushes rewards to mean 0; 0 = off, TRL suggests 0.01."""
     margin: bool = False
@@ -393,7 +393,7 @@ class _Pair:
 
 
 def _tokenize_rows(tokenizer, rows, cfg: RewardModelConfig, what: str) -> tuple[list[_Pair], int]:
-    from methods.dpo.trainer import tokenize_pairs  # the DPO arm's tokenisation: identical sequences
+    from methods.data import tokenize_pairs  # the DPO arm's tokenisation: identical sequences
 
     if not rows:
         raise ValueError(f"empty {what} set: no preference pairs")
@@ -446,7 +446,7 @@ def train_reward_model(rm, tokenizer, train_rows: list[dict], eval_rows: list[di
                        ) -> tuple[list[dict], dict]:
     """Bradley-Terry training of ``rm`` on rows ``{prompt, chosen, rejected[, score_chosen, score_rejected]}``.
 
-    Sequences are tokenised exactly as the DPO arm does (methods.dpo.trainer.tokenize_pairs, keep_start
+    Sequences are tokenised exactly as the DPO arm does (methods.data.tokenize_pairs, keep_start
     truncation to cfg.max_length). Returns ``(history, metrics)``: history has one record per logged step
     (``loss``, ``accuracy``, ``margin``, ``lr``, ``grad_norm``, ``examples_seen``, ``tokens_seen``, ``wall_s``)
     and one ``eval/*`` record per epoch; metrics hold the final held-out ``eval/accuracy``, ``eval/loss``,

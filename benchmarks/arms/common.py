@@ -1,0 +1,95 @@
+"""What every arm family shares: the held-out split of the pairs, the evaluation stage of an arm and the
+reference's "chosen" responses for win rate vs chosen."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from benchmarks import utils
+from benchmarks.arms.registry import fmt
+from benchmarks.harness import Harness, Stage
+from benchmarks.stages import load_model, load_pairs, load_prompts
+
+
+def split_pairs(rows: list[dict], heldout_fraction: float) -> tuple[list[dict], list[dict]]:
+    """Hold out whole prompts (stable hash of the prompt id), so no held-out prompt is seen in training."""
+    train, held = [], []
+    for r in rows:
+        (held if utils.text_hash("heldout/" + r["prompt_id"]) % 10_000 < heldout_fraction * 10_000 else train).append(r)
+    return train, held
+
+
+def heldout_fraction(c) -> float:
+    """Share of prompts whose pairs every arm holds out (one split for DPO, the RM and Preferred-FT)."""
+    return c.dpo.heldout_pairs_fraction if c.dpo is not None else 0.1
+
+
+def train_and_heldout_pairs(h: Harness) -> tuple[list[dict], list[dict]]:
+    return split_pairs([dict(r) for r in load_pairs(h)], heldout_fraction(h.cfg))
+
+
+def eval_stage(arm: str) -> Stage:
+    """Samples of arm (or 'sft', the reference itself) on the held-out prompts, scored by gold reward and KL."""
+    src = "sft" if arm == "sft" else f"arm/{arm}"
+
+    def run(h: Harness, out: Path) -> dict:
+        import pandas as pd
+
+        from benchmarks.evaluators.samples import generate_eval_samples
+
+        e = h.cfg.eval
+        model, tok = load_model(h.path(src), h.device)
+        ref, _ = load_model(h.path("sft"), h.device)
+        prompts = load_prompts(h, "eval")
+        utils.reset_peak_rss()
+        from benchmarks.tasks.registry import task_gold
+
+        rows, timing = generate_eval_samples(model, ref, tok, prompts, temperatures=e.temperatures, n=e.samples_per_prompt,
+                                             max_new_tokens=e.max_new_tokens, seed=e.seed,
+                                             gold_fn=lambda texts, prompts: task_gold(h.cfg.task, texts, prompts),
+                                             autocast=h.autocast())
+        df = pd.DataFrame(rows)
+        df.insert(0, "arm", arm)
+        df.to_parquet(out / "samples.parquet", index=False)
+        by_t = {}
+        for temp, g in df.groupby("temperature"):
+            by_t[fmt(temp)] = {"gold_mean": float(g.gold.mean()), "gold_sd": float(g.gold.std(ddof=0)),
+                               "seq_kl_mean": float(g.seq_kl.mean()), "length_mean": float(g.length.mean())}
+        return {"arm": arm, "samples": len(df), "by_temperature": by_t, **timing}
+
+    key = lambda c: {"eval": asdict(c.eval), "target": c.task.target, "gold": c.task.gold, "dtype": c.dtype}  # noqa: E731
+    deps = (src, "sft", "prompts") if src != "sft" else ("sft", "prompts")
+    return Stage(f"eval/{arm}", deps, key, run)
+
+
+def _evalref(h: Harness, out: Path) -> dict:
+    """The 'chosen' response of every eval prompt, for win rate vs chosen: the task's own (``Task.evalref``), else the
+    best of K reference samples by gold reward (the preferred response of a held-out pair)."""
+    import pandas as pd
+
+    from benchmarks.stages import sample_texts
+    from benchmarks.tasks.registry import task_gold, task_of
+
+    own = task_of(h.cfg).evalref(h, out)  # a task with its own reference responses (dialogue: the dataset's chosen)
+    if own is not None:
+        return own
+    k = h.cfg.prefs.samples_per_prompt
+    model, tok = load_model(h.path("sft"), h.device)
+    prompts = load_prompts(h, "eval")
+    texts, _ = sample_texts(h, model, tok, prompts, n=k, temperature=h.cfg.prefs.temperature,
+                            max_new_tokens=h.cfg.eval.max_new_tokens, seed=h.cfg.seed + 99)
+    rows = []
+    for p, comps in zip(prompts, texts, strict=True):
+        g = task_gold(h.cfg.task, comps, [p["prompt"]] * k)
+        best = max(range(k), key=lambda i: g[i])
+        rows.append({"prompt_id": p["prompt_id"], "chosen": comps[best], "chosen_gold": g[best]})
+    df = pd.DataFrame(rows)
+    df.to_parquet(out / "chosen.parquet", index=False)
+    return {"prompts": len(df), "chosen_gold_mean": float(df.chosen_gold.mean())}
+
+
+def evalref_stage() -> Stage:
+    return Stage("evalref", ("sft", "prompts"), lambda c: {
+        "k": c.prefs.samples_per_prompt, "T": c.prefs.temperature, "max_new_tokens": c.eval.max_new_tokens,
+        "target": c.task.target, "gold": c.task.gold, "seed": c.seed, "dtype": c.dtype}, _evalref)

@@ -1,0 +1,136 @@
+"""PPO on the reward model (``methods/rlhf/ppo``): a grid over the KL coefficient or the controller's target KL,
+"strong PPO" (Xu et al. 2024) and PPO on the gold reward (the oracle upper bound, the only arm that sees gold).
+
+Typed hyper-parameter columns: ``kl_coef`` (the fixed or initial KL coefficient) and ``target_kl``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from benchmarks import utils
+from benchmarks.arms.registry import ArmFamily, ArmPlan, Method, fmt, register
+from benchmarks.arms.reward_model import RM_STAGE, rm_stage
+from benchmarks.harness import Harness, Stage
+from benchmarks.stages import load_model, load_prompts, lora_key
+from methods import lora
+
+KIND_METHOD = {"ppo": "ppo", "sppo": "strong_ppo", "ppogt": "ppo_gt"}
+
+
+def ppo_arm_id(kind: str, kl_coef: float | None, target_kl: float | None, seed: int) -> str:
+    hp = f"tkl{fmt(target_kl)}" if target_kl is not None else f"kl{fmt(kl_coef)}"
+    return f"{kind}-{hp}-s{seed}"
+
+
+def ppo_config(c, kind: str, kl_coef: float | None, target_kl: float | None, seed: int):
+    base = c.rlhf.ppo
+    kw = {"seed": seed}
+    if kl_coef is not None:
+        kw["init_kl_coef"] = kl_coef
+    kw["target_kl"] = target_kl
+    if kind == "sppo":  # Xu et al. 2024: large batch, advantage normalisation, EMA reference
+        # the same episode budget as paper PPO (4x the batch, 1/4 of the iterations): identical budgets
+        kw.update(rollout_batch_size=base.rollout_batch_size * 4, minibatch_size=base.minibatch_size * 4,
+                  iterations=max(1, base.iterations // 4), whiten_advantages=True, ema_ref_decay=c.rlhf.strong_ema_decay)
+    return dataclasses.replace(base, **kw)
+
+
+def _make_ppo_stage(kind: str, kl_coef: float | None, target_kl: float | None, seed: int) -> Stage:
+    arm = ppo_arm_id(kind, kl_coef, target_kl, seed)
+
+    def run(h: Harness, out: Path) -> dict:
+        from benchmarks.tasks.registry import task_gold
+        from methods.rlhf.ppo import KLBlowupError, PPOTrainer
+        from methods.rlhf.reward_model import load_reward_model, make_reward_fn, value_model_from_reward_model
+
+        cfg = ppo_config(h.cfg, kind, kl_coef, target_kl, seed)
+        utils.seed_everything(seed)
+        policy, tok = load_model(h.path("sft"), h.device)
+        ref, _ = load_model(h.path("sft"), h.device)
+        rm = load_reward_model(h.path(RM_STAGE) / "rm").to(h.device).eval()
+        prompt_text = {tuple(p["prompt_ids"]): p["prompt"] for p in load_prompts(h, "train")}
+
+        def prompts_of(prompt_ids):  # the judge of the dialogue task scores (prompt, response)
+            return [prompt_text.get(tuple(x)) or tok.decode(x, skip_special_tokens=True) for x in prompt_ids]
+
+        if kind == "ppogt":  # the explicitly named upper-bound arm: PPO on the gold reward itself
+            def reward_fn(prompt_ids, completion_ids):
+                texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
+                return torch.tensor(task_gold(h.cfg.task, texts, prompts_of(prompt_ids)))
+        else:
+            reward_fn = make_reward_fn(rm, pad_id=tok.pad_token_id, autocast=h.autocast())
+        gold_log: list[float] = []
+        rm_fn = reward_fn
+
+        def reward_fn(prompt_ids, completion_ids):  # noqa: F811 - monitor only: gold is logged, never returned
+            scores = rm_fn(prompt_ids, completion_ids)
+            texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
+            gold = task_gold(h.cfg.task, texts, prompts_of(prompt_ids))
+            gold_log.append(float(sum(gold) / max(1, len(texts))))  # this rank's rollouts (all of them in one process)
+            return scores
+        value = value_model_from_reward_model(rm) if cfg.value_model == "separate" else None
+        policy = lora.add_adapters(policy, h.cfg.lora, seed=seed)  # same adapters as the DPO policy
+        if value is not None:
+            value.backbone = lora.add_adapters(value.backbone, h.cfg.lora, seed=seed)
+        prompts = [p["prompt_ids"] for p in load_prompts(h, "train")]
+        tr = PPOTrainer(policy, ref, reward_fn, value, tok, prompts, cfg, h.device, autocast=h.autocast(),
+                        accelerator=h.accelerator)  # None = one process; else rollouts sharded over the ranks
+        t = utils.Timer()
+        status = "ok"
+        try:
+            hist = tr.train(on_log=lambda rec: rec.__setitem__("objective/gold", gold_log[-1]),
+                            checkpoint_path=h.checkpoint_path(f"arm/{arm}"), checkpoint_every=h.cfg.checkpoint_every_iterations)
+        except KLBlowupError as e:
+            hist, status = tr.history, f"stopped: {e}"
+        train_s = t.elapsed
+        policy = lora.merged(policy)
+        policy.save_pretrained(out / "model")
+        tok.save_pretrained(out / "model")
+        utils.write_jsonl(out / "train_curve.jsonl", hist)
+        utils.atomic_write_json(out / "train_config.json", asdict(cfg))
+        phases = {k: sum(r.get(k, 0.0) for r in hist) for k in ("time/generation", "time/reward", "time/ref_value_forward", "time/update")}
+        rm_sum = h.results[RM_STAGE].summary
+        last = hist[-1] if hist else {}
+        return {"arm": arm, "method": KIND_METHOD[kind], "loss_type": "", "kl_coef": cfg.init_kl_coef,
+                "target_kl": target_kl, "seed": seed, "status": status,
+                "iterations": len(hist), "time/train_s": train_s, **{k + "_s": v for k, v in phases.items()},
+                "tokens_seen": last.get("tokens_seen"), "episodes_seen": last.get("episodes_seen"),
+                "tokens_per_s": (last.get("tokens_seen") or 0) / max(train_s, 1e-9),
+                "rm_accuracy": rm_sum["rm_accuracy"], "rm_gold_pearson": rm_sum["rm_gold_pearson"],
+                "final": {k: v for k, v in last.items() if k.startswith(("objective/", "policy/", "val/"))}}
+
+    key = lambda c: {"ppo": asdict(ppo_config(c, kind, kl_coef, target_kl, seed)), "kind": kind, "dtype": c.dtype,  # noqa: E731
+                     "target": c.task.target, "gold": c.task.gold} | lora_key(c)
+    return Stage(f"arm/{arm}", ("sft", "prompts", RM_STAGE), key, run, version=2)
+
+
+@register
+class PPO(ArmFamily):
+    """PPO over ``rlhf.kl_coefs`` / ``rlhf.target_kls``; strong PPO and PPO-GT at the first grid point."""
+
+    name = "ppo"
+    methods = (Method("ppo", "PPO", "#d55e00", "^", "on_policy_rl", order=50, curves="rl"),
+               Method("strong_ppo", "PPO (strong)", "#de8f05", "v", "on_policy_rl", order=60, curves="rl"),
+               Method("ppo_gt", "PPO (gold reward)", "#029e73", "X", "oracle", order=70, curves="rl"))
+
+    def plan(self, c) -> ArmPlan:
+        p = ArmPlan()
+        if c.rlhf is None:
+            return p
+        r = c.rlhf
+        p.stages[RM_STAGE] = rm_stage()
+        p.shared.append(RM_STAGE)
+        grid = [(k, None) for k in r.kl_coefs] + [(None, t) for t in r.target_kls] or [(r.ppo.init_kl_coef, r.ppo.target_kl)]
+        for seed in c.seeds:
+            kinds = [("ppo", g) for g in grid] + ([("sppo", grid[0])] if r.strong_ppo else []) \
+                + ([("ppogt", grid[0])] if r.ppo_gt else [])
+            for kind, (kl, tkl) in kinds:
+                st = _make_ppo_stage(kind, kl, tkl, seed)
+                p.stages[st.name] = st
+                p.trained.append(st.name[4:])
+        return p

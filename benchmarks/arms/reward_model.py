@@ -1,0 +1,54 @@
+"""The reward model (``methods/rlhf/reward_model``): Bradley-Terry on the same pairs DPO trains on, initialised
+from pi_ref. Not an arm of its own: a stage the RM-based families (PPO, best-of-N) depend on. Its held-out
+accuracy and gold correlation sit beside every PPO row: the RM is the main confound between the families."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from benchmarks import utils
+from benchmarks.arms.common import heldout_fraction, train_and_heldout_pairs
+from benchmarks.harness import Harness, Stage
+from benchmarks.stages import load_model, load_prompts, lora_key, sample_texts
+from methods import lora
+
+RM_STAGE = "arm/rm"
+
+
+def _rm(h: Harness, out: Path) -> dict:
+    from benchmarks.tasks.registry import task_gold
+    from methods.rlhf.reward_model import ScalarRewardModel, gold_correlation, train_reward_model
+
+    cfg = h.cfg.rlhf.rm
+    sft_dir = h.path("sft")
+    _, tok = load_model(sft_dir, "cpu")
+    rm = ScalarRewardModel.from_causal_lm(str(sft_dir / "model"), pooling=cfg.pooling, init_seed=cfg.seed).to(h.device)
+    rm.backbone = lora.add_adapters(rm.backbone, h.cfg.lora, seed=cfg.seed)  # the head always trains in full
+    train, held = train_and_heldout_pairs(h)
+    t = utils.Timer()
+    hist, metrics = train_reward_model(rm, tok, train, held or None, cfg, h.device, autocast=h.autocast())
+    if not held:
+        h.log("[arm/rm] warning: no held-out pairs, the RM's accuracy is unknown (raise task.n_train_prompts)")
+    train_s = t.elapsed
+    # correlation with gold on fresh pi_ref samples of held-out prompts (not the pairs it was trained on)
+    policy, _ = load_model(sft_dir, h.device)
+    prompts = load_prompts(h, "eval")
+    texts, _ = sample_texts(h, policy, tok, prompts, n=2, temperature=1.0, max_new_tokens=h.cfg.eval.max_new_tokens,
+                            seed=h.cfg.seed + 31)
+    ps = [p["prompt"] for p in prompts for _ in range(2)]
+    cs = [c for pair in texts for c in pair]
+    scores = rm.score(ps, cs, tokenizer=tok, autocast=h.autocast()).tolist()
+    corr = gold_correlation(scores, task_gold(h.cfg.task, cs, ps))
+    rm.backbone = lora.merged(rm.backbone)
+    rm.save_pretrained(out / "rm", tokenizer=tok)
+    utils.write_jsonl(out / "train_curve.jsonl", hist)
+    return {"rm_accuracy": metrics.get("eval/accuracy", float("nan")), "rm_gold_pearson": corr["pearson"], "rm_gold_spearman": corr["spearman"],
+            "train_pairs": len(train), "heldout_pairs": len(held), "time/train_s": train_s,
+            "rm_score_mean": float(sum(scores) / len(scores)), **{k: v for k, v in metrics.items() if k.startswith("eval/")}}
+
+
+def rm_stage() -> Stage:
+    return Stage(RM_STAGE, ("sft", "prefs", "prompts"), lambda c: {
+        "rm": asdict(c.rlhf.rm), "dtype": c.dtype, "heldout": heldout_fraction(c), "eval_max_new": c.eval.max_new_tokens,
+        "gold": c.task.gold} | lora_key(c), _rm)
