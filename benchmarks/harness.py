@@ -228,13 +228,31 @@ class Harness:
             for p in final.parent.glob(f".{final.name}.tmp-*"):
                 shutil.rmtree(p, ignore_errors=True)
 
+    def _eta(self, remaining: list[str]) -> str:
+        """'about M min left' from the measured wall time of the stages already run here, by kind of stage."""
+        ran = [(n, r.wall_s) for n, r in self.results.items() if not r.cached]
+        if not ran:
+            return "time left unknown until a stage has run"
+        mean = sum(w for _, w in ran) / len(ran)
+        by_kind: dict[str, list[float]] = {}
+        for n, w in ran:
+            by_kind.setdefault(_kind(n), []).append(w)
+        left = sum(sum(by_kind[_kind(n)]) / len(by_kind[_kind(n)]) if _kind(n) in by_kind else mean
+                   for n in remaining if n not in self.results)
+        return f"about {left / 60:.1f} min left (measured speed of this run's stages)"
+
     def run(self, targets: list[str], run_dir: Path | None = None) -> dict[str, StageResult]:
         run_dir = run_dir or (self.root / self.cfg.runs_dir / self.cfg.name)
         if self.dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             utils.atomic_write_text(run_dir / "resolved_config.yaml", to_yaml(self.cfg))
         t = utils.Timer()
-        for name in targets:
+        from benchmarks import progress
+
+        show_eta = self.dist.is_main and progress.is_terminal()  # piped: one line per stage, nothing more
+        for k, name in enumerate(targets, 1):
+            if show_eta and k > 1:
+                self.log(f"  stage {k} of {len(targets)}, elapsed {_mmss(t.elapsed)}, {self._eta(targets[k - 1:])}")
             if not (name.startswith(("arm/", "eval/")) or self.stages[name].optional):
                 self.run_stage(name)  # the shared foundation: a failure here stops the suite
                 continue
@@ -256,6 +274,16 @@ class Harness:
                                                            "wall_s": t.elapsed, "stages": index,
                                                            "failed": self.failed})
         return self.results
+
+
+def _mmss(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+
+
+def _kind(name: str) -> str:
+    """Stages expected to take alike: the kind (arm/eval/...) and the arm's method prefix (dpo, ppo, pft...)."""
+    head, _, rest = name.partition("/")
+    return f"{head}/{rest.split('-')[0]}" if rest else head
 
 
 def launched_accelerator():

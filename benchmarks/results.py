@@ -29,13 +29,18 @@ HPARAMS = ("beta", "bon_n", "kl_coef", "target_kl")
 
 def _arm_meta(name: str, summary: dict | None) -> dict:
     if name == "sft":
-        return {"method": "sft", "config": "sft", "loss_type": "", **{k: np.nan for k in HPARAMS}, "seed": 0, "train_s": 0.0}
+        return {"method": "sft", "config": "sft", "loss_type": "", **{k: np.nan for k in HPARAMS}, "seed": 0, "train_s": 0.0,
+                "flops": 0.0}
     s = summary or {}
     return {"method": s.get("method", name.split("-")[0]), "config": config_id(name), "loss_type": s.get("loss_type", ""),
             **{k: s.get(k, np.nan) for k in HPARAMS}, "seed": s.get("seed", 0), "train_s": s.get("time/train_s", np.nan),
             "train_tokens_per_s": s.get("tokens_per_s", np.nan), "heldout_acc": s.get("heldout_acc_after", np.nan),
             "rm_accuracy": s.get("rm_accuracy", np.nan), "rm_gold_pearson": s.get("rm_gold_pearson", np.nan),
-            **{k: s[k] for k in s if k.startswith("time/") and k.endswith("_s")}}
+            **{k: s[k] for k in s if k.startswith("time/") and k.endswith("_s")},
+            # compute accounting (benchmarks/arms/common.py::compute_record): tokens_forward / _trained / _generated,
+            # flops_own, flops_shared (reward model, pi_ref log-probs), flops = the cost of this arm alone
+            "params": s.get("params", np.nan),
+            **{k[8:]: s[k] for k in s if k.startswith("compute/") and not k.startswith("compute/shared/")}}
 
 
 def collect(h, run_dir: Path) -> dict:
@@ -144,7 +149,7 @@ def _by_config(samples: pd.DataFrame, summary: pd.DataFrame, seed: int) -> pd.Da
         if len({len(m) for m in mats}) == 1:
             p, lo, hi = seeds_prompts_ci(np.stack(mats), seed=seed)
             rec.update({"gold": p, "gold_low": lo, "gold_high": hi})
-        for c in ("win_vs_sft", "win_vs_chosen", "kl", "length", "distinct_2", "train_s"):
+        for c in ("win_vs_sft", "win_vs_chosen", "kl", "length", "distinct_2", "train_s", "flops"):
             if c in g:
                 rec[c] = float(g[c].mean())
                 rec[c + "_seed_sd"] = float(g[c].std(ddof=1)) if len(g) > 1 else np.nan

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import utils
+from benchmarks import progress, utils
 from benchmarks.harness import Harness, Stage
 from benchmarks.tasks import models, prefs, sentiment
 from benchmarks.tasks.registry import load_docs, load_prompts, task_gold, task_of
@@ -114,7 +114,7 @@ def _prompts(h: Harness, out: Path) -> dict:
 
 # ------------------------------------------------------------------------------------------------ prefs
 def sample_texts(h: Harness, model, tok, prompts: list[dict], *, n: int, temperature: float, max_new_tokens: int,
-                 seed: int) -> tuple[list[list[str]], dict]:
+                 seed: int, desc: str = "sampling") -> tuple[list[list[str]], dict]:
     """n completions per prompt as text; seeds depend only on (seed, prompt id, sample index)."""
     ids, seeds = [], []
     for p in prompts:
@@ -122,9 +122,10 @@ def sample_texts(h: Harness, model, tok, prompts: list[dict], *, n: int, tempera
             ids.append(p["prompt_ids"])
             seeds.append(utils.text_hash(f"{seed}/{p['prompt_id']}/{k}"))
     t = utils.Timer()
-    with torch.inference_mode():
+    with torch.inference_mode(), progress.bar(len(ids), desc, unit="sample") as b:
         res = sample(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, seeds=seeds,
-                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, autocast=h.autocast())
+                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, autocast=h.autocast(),
+                     on_batch=lambda rows, toks: b.add(rows, **{"tok/s": toks / max(t.elapsed, 1e-9)}))
     texts = tok.batch_decode(res.completions, skip_special_tokens=True)
     stats = {"samples": len(texts), "new_tokens": res.tokens_generated, "wall_s": t.elapsed,
              "tokens_per_s": res.tokens_generated / max(t.elapsed, 1e-9), "ended_with_eos": sum(res.ended) / len(texts)}
@@ -149,7 +150,7 @@ def _prefs(h: Harness, out: Path) -> dict:
     if p.source == "generate":
         train = load_prompts(h, "train")
         texts, sstats = sample_texts(h, model, tok, train, n=p.samples_per_prompt, temperature=p.temperature,
-                                     max_new_tokens=p.max_new_tokens, seed=h.cfg.seed)
+                                     max_new_tokens=p.max_new_tokens, seed=h.cfg.seed, desc="prefs: sampling pairs")
         summary["sampling"] = sstats
         rng = random.Random(h.cfg.seed)
         rows = []

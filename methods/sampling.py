@@ -60,8 +60,10 @@ def sample(
     pad_token_id: int,
     batch_size: int = 256,
     autocast=None,
+    on_batch=None,
 ) -> Samples:
-    """Sample one completion per prompt (repeat a prompt with different seeds for several)."""
+    """Sample one completion per prompt (repeat a prompt with different seeds for several); ``on_batch(rows,
+    new_tokens)`` is called after each batch (a progress bar)."""
     if len(seeds) != len(prompts):
         raise ValueError(f"need one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
     if temperature < 0:
@@ -128,5 +130,7 @@ def sample(
                 row = row[: row.index(eos_token_id)]
                 ended[i] = True
             comps[i] = row
+        if on_batch is not None:
+            on_batch(len(idx), n_tok)
     model.train(was_training)
     return Samples(completions=comps, ended=ended, tokens_generated=n_tok)

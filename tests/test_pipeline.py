@@ -39,6 +39,8 @@ def test_foundation_runs_offline_and_reuses_cache(tmp_path):
 
     first = _run(tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
+    # piped (not a terminal): one line per stage, no progress bars, no ETA lines
+    assert "stage 2 of" not in first.stdout and "\r" not in first.stdout + first.stderr and "it/s" not in first.stderr
     assert all(f"{s} done in" in first.stdout for s in FOUNDATION)
     idx = json.loads((tmp_path / "runs" / "smoke" / "stages.json").read_text())
     summary = json.loads((tmp_path / "runs" / "smoke" / "summary.json").read_text())
@@ -78,3 +80,35 @@ def test_bad_config_exits_nonzero_with_one_clear_line(tmp_path):
     r = _run(tmp_path, "sft.steps=-3")
     assert r.returncode == 2
     assert "config key 'sft.steps'" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not corpus.FORTUNES_DIR.is_dir(), reason="Debian package fortunes not installed")
+def test_under_a_terminal_every_long_stage_shows_a_bar_and_the_suite_its_eta(tmp_path):
+    """The tiny suite under a pseudo-terminal (what tmux or an interactive shell gives): progress bars for the
+    sampling, DPO, reward-model, PPO and evaluation stages, and a stage k of n / elapsed / time-left line."""
+    import os
+    import pty
+
+    args = [sys.executable, "-m", "benchmarks", "run", "--suite", "smoke",
+            "--set", f"cache_dir={tmp_path}/cache", "--set", f"runs_dir={tmp_path}/runs"]
+    for o in TINY:
+        args += ["--set", o]
+    master, slave = pty.openpty()
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2", "COLUMNS": "160", "TERM": "xterm"}
+    p = subprocess.Popen(args, cwd=ROOT, stdout=slave, stderr=slave, stdin=slave, env=env, close_fds=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert p.wait(timeout=600) == 0
+    out = b"".join(chunks).decode("utf-8", "replace")
+    assert "stage 2 of" in out and "min left" in out and "elapsed" in out
+    for desc in ("prefs: sampling pairs", "arm/dpo-sigmoid-b0.1-s0", "arm/rm", "arm/ppo-kl0.05-s0", "eval/sft"):
+        assert f"{desc}:" in out, desc  # tqdm's "<desc>: 50%|..." lines

@@ -60,6 +60,27 @@ def test_ppo_increases_reward(setup):
         assert k in r and math.isfinite(r[k]), k
 
 
+def test_token_counters_for_compute_accounting(setup):
+    """Per iteration: prompt and generated tokens of the rollouts, the tokens of one forward over them (prompt +
+    completion, padding excluded), and the update's tokens = ppo_epochs passes over every rollout (no early stop)."""
+    tr, h = _run(setup, iterations=1, ppo_epochs=3)
+    ro, r = tr.last_rollout, h[0]
+    prompts = [tr.prompts[i] for i in ro["prompt_indices"]]
+    assert r["tokens/prompt"] == sum(len(p) for p in prompts)
+    assert r["tokens/generated"] == sum(len(c) for c in ro["completions"])
+    assert r["tokens/sequence"] == int(ro["attention_mask"].sum()) == r["tokens/prompt"] + r["tokens/generated"]
+    assert not r["policy/early_stopped"] and r["tokens/update"] == 3 * r["tokens/sequence"]
+
+
+def test_compute_record_by_hand():
+    from benchmarks.arms.common import compute_record
+
+    c = compute_record(forward=[(10, 3)], trained=[(10, 2)], generated=[(5, 4)], shared={"arm/rm": 100.0})
+    assert c["compute/flops_own"] == 2 * 10 * 3 + 6 * 10 * 2 + 2 * 5 * 4 == 220
+    assert c["compute/flops"] == 320 and c["compute/flops_shared"] == 100 and c["compute/shared/arm/rm"] == 100
+    assert (c["compute/tokens_forward"], c["compute/tokens_trained"], c["compute/tokens_generated"]) == (3, 2, 4)
+
+
 def test_first_iteration_has_zero_kl_and_unit_ratio(setup):
     tr, h = _run(setup, iterations=1)
     assert h[0]["objective/kl"] == 0.0

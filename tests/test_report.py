@@ -42,6 +42,7 @@ def _arm_rows() -> list[dict]:
                 "train_tokens_per_s": 1000.0, "outside_noise": method in ("dpo", "trl_dpo", "ppo"),
                 "rm_accuracy": 0.64 if method in ("ppo", "best_of_n") else None,
                 "rm_gold_pearson": 0.21 if method in ("ppo", "best_of_n") else None, "target_kl": None,
+                "flops": 0.0 if method == "sft" else 1e12 * (1 + len(arm)), "tokens_trained": 5e4,
             })
     return rows
 
@@ -132,7 +133,7 @@ def test_report_is_self_contained_with_every_section(built):
     assert not re.search(r"url\(\s*['\"]?(https?:)?//", html, re.I)
     assert "@import" not in html and "<link" not in html.lower() and "<script" not in html.lower()
     imgs = re.findall(r"<img\b[^>]*>", html)
-    assert len(imgs) == 5
+    assert len(imgs) == len(F.FIGURE_CAPTIONS) == 6
     assert all(re.search(r'src="data:image/png;base64,[A-Za-z0-9+/=]{100,}"', i) for i in imgs)
     assert "resolved_config.yaml" in html and "<details" in html and "abc123def" in html
     assert "ties count 1/2" in html and "bootstrap 95 %" in html
@@ -152,6 +153,10 @@ def test_headline_table_and_warnings(built):
     assert "&lt;boom&gt; &amp; friends" in html and "<boom>" not in html
     assert "<script>x</script>" not in html and "&lt;script&gt;x&lt;/script&gt;" in html
     assert "None computed" in html  # no diagnostics in summary.json
+    cost = html[html.index('<section id="cost">'):]
+    cost = cost[: cost.index("</table>")]
+    assert cost.count("<tr") == 1 + len(ARMS) and "FLOPs (with shared)" in cost
+    assert f"{1e12 * (1 + len('ppo-kl0.05-s0')):.2e}" in cost  # each arm's FLOPs, as summary.json has them
 
 
 def test_report_without_failures_and_with_diagnostics(tmp_path):

@@ -7,10 +7,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks import utils
+from benchmarks.arms.common import compute_record, stage_flops
 from benchmarks.arms.registry import ArmFamily, ArmPlan, Method, register
 from benchmarks.arms.reward_model import RM_STAGE, rm_stage
 from benchmarks.harness import Harness, Stage
 from benchmarks.stages import load_model, load_prompts
+from benchmarks.tasks import models
 
 
 def _make_bon_eval_stage(n: int) -> Stage:
@@ -28,13 +30,15 @@ def _make_bon_eval_stage(n: int) -> Stage:
         rm = load_reward_model(h.path(RM_STAGE) / "rm").to(h.device).eval()
         reward_fn = make_reward_fn(rm, pad_id=tok.pad_token_id, autocast=h.autocast())
         prompts = load_prompts(h, "eval")
-        rows, gen_s = [], 0.0
+        rows, gen_s, prompt_tok, gen_tok = [], 0.0, 0, 0
         for temp in e.temperatures:
             t = utils.Timer()
             res = best_of_n(model, tok, [p["prompt_ids"] for p in prompts], n, reward_fn, e.max_new_tokens,
                             max(temp, 1e-6) if n > 1 else temp, e.seed + int(temp * 1000), autocast=h.autocast(),
                             return_details=True)
             gen_s += t.elapsed
+            prompt_tok += n * sum(len(p["prompt_ids"]) for p in prompts)
+            gen_tok += sum(len(c) for cand in res.candidates for c in cand)
             texts = tok.batch_decode(res.completions, skip_special_tokens=True)
             gold = task_gold(h.cfg.task, texts, [p["prompt"] for p in prompts])
             for p, text, g, c in zip(prompts, texts, gold, res.completions, strict=True):
@@ -44,11 +48,16 @@ def _make_bon_eval_stage(n: int) -> Stage:
         df = pd.DataFrame(rows)
         df.insert(0, "arm", arm)
         df.to_parquet(out / "samples.parquet", index=False)
+        # compute: the procedure itself is the "arm" (N samples + N reward-model scores per prompt, every temperature)
+        n_pol, n_rm = models.n_params(model), models.n_params(rm)
+        compute = compute_record(generated=[(n_pol, prompt_tok + gen_tok)], forward=[(n_rm, prompt_tok + gen_tok)],
+                                 shared={RM_STAGE: stage_flops(h, RM_STAGE)})
         return {"arm": arm, "method": "best_of_n", "bon_n": n, "samples": len(df), "generation_s": gen_s,
-                "new_tokens": res.tokens_generated * len(e.temperatures), "kl_analytic": best_of_n_kl(n)}
+                "new_tokens": res.tokens_generated * len(e.temperatures), "kl_analytic": best_of_n_kl(n),
+                "params": n_pol, **compute}
 
     key = lambda c: {"eval": asdict(c.eval), "n": n, "target": c.task.target, "gold": c.task.gold, "dtype": c.dtype}  # noqa: E731
-    return Stage(f"eval/{arm}", ("sft", "prompts", RM_STAGE), key, run, version=2)
+    return Stage(f"eval/{arm}", ("sft", "prompts", RM_STAGE), key, run, version=3)
 
 
 @register

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks import utils
+from benchmarks import progress, utils
 from benchmarks.arms.registry import fmt
 from benchmarks.harness import Harness, Stage
 from benchmarks.stages import load_model, load_pairs, load_prompts
@@ -45,10 +45,12 @@ def eval_stage(arm: str) -> Stage:
         utils.reset_peak_rss()
         from benchmarks.tasks.registry import task_gold
 
-        rows, timing = generate_eval_samples(model, ref, tok, prompts, temperatures=e.temperatures, n=e.samples_per_prompt,
-                                             max_new_tokens=e.max_new_tokens, seed=e.seed,
-                                             gold_fn=lambda texts, prompts: task_gold(h.cfg.task, texts, prompts),
-                                             autocast=h.autocast())
+        total = len(prompts) * e.samples_per_prompt * len(e.temperatures)
+        with progress.bar(total, f"eval/{arm}", unit="sample") as b:
+            rows, timing = generate_eval_samples(model, ref, tok, prompts, temperatures=e.temperatures, n=e.samples_per_prompt,
+                                                 max_new_tokens=e.max_new_tokens, seed=e.seed,
+                                                 gold_fn=lambda texts, prompts: task_gold(h.cfg.task, texts, prompts),
+                                                 autocast=h.autocast(), on_batch=lambda rows, toks: b.add(rows))
         df = pd.DataFrame(rows)
         df.insert(0, "arm", arm)
         df.to_parquet(out / "samples.parquet", index=False)
@@ -93,3 +95,26 @@ def evalref_stage() -> Stage:
     return Stage("evalref", ("sft", "prompts"), lambda c: {
         "k": c.prefs.samples_per_prompt, "T": c.prefs.temperature, "max_new_tokens": c.eval.max_new_tokens,
         "target": c.task.target, "gold": c.task.gold, "seed": c.seed, "dtype": c.dtype}, _evalref)
+
+
+# ------------------------------------------------------------------------------------------------ compute
+def compute_record(*, forward=(), trained=(), generated=(), shared: dict[str, float] | None = None) -> dict:
+    """Compute accounting of one arm (or shared stage) from (model parameters N, tokens) pairs, the usual estimate
+    (Kaplan et al. 2020): 2 N FLOPs per token through a model without gradient (``forward``: reference, value and
+    reward forwards; ``generated``: sampling, prompt prefill included, KV-cached), 6 N per trained token (forward +
+    backward). Token columns count token-passes summed over models. ``shared``: FLOPs of the stages this arm needs
+    and shares with others (the reward model, pi_ref's log-probs), each counted in full, so that ``compute/flops``
+    is the cost of producing this arm alone from pi_ref."""
+    f = sum(2 * n * t for n, t in forward)
+    tr = sum(6 * n * t for n, t in trained)
+    g = sum(2 * n * t for n, t in generated)
+    sh = float(sum((shared or {}).values()))
+    return {"compute/tokens_forward": int(sum(t for _, t in forward)), "compute/tokens_trained": int(sum(t for _, t in trained)),
+            "compute/tokens_generated": int(sum(t for _, t in generated)), "compute/flops_own": float(f + tr + g),
+            "compute/flops_shared": sh, "compute/flops": float(f + tr + g + sh),
+            **{f"compute/shared/{k}": float(v) for k, v in (shared or {}).items()}}
+
+
+def stage_flops(h: Harness, name: str) -> float:
+    """Own FLOPs of a finished shared stage (0 when it recorded none)."""
+    return float(h.results[name].summary.get("compute/flops_own", 0.0)) if name in h.results else 0.0

@@ -9,11 +9,12 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks import utils
-from benchmarks.arms.common import heldout_fraction, train_and_heldout_pairs
+from benchmarks import progress, utils
+from benchmarks.arms.common import compute_record, heldout_fraction, stage_flops, train_and_heldout_pairs
 from benchmarks.arms.registry import ArmFamily, ArmPlan, Method, fmt, register
 from benchmarks.harness import Harness, Stage
 from benchmarks.stages import load_model, lora_key
+from benchmarks.tasks import models
 from methods import lora
 
 
@@ -47,13 +48,17 @@ def _make_dpo_stage(loss_type: str, beta: float, seed: int) -> Stage:
         t = utils.Timer()
         ref_train, ref_held = load_reflogps(h, len(ex), len(held))  # pi_ref's log-probs: one stage for the sweep
         ref_s = t.elapsed
+        n_par = models.n_params(policy)
         policy = lora.add_adapters(policy, h.cfg.lora, seed=seed)  # after pi_ref's log-probs: adapters train
         tr = DPOTrainer(policy, ex, ref_train, cfg, pad_id=tok.pad_token_id, autocast=h.autocast(),
                         accelerator=h.accelerator)  # None = single process; else data parallel over the ranks
         nan = {"eval/rewards/accuracies": float("nan"), "eval/rewards/margins": float("nan")}
         before = tr.evaluate(held, ref_held) if held else nan
         t = utils.Timer()
-        hist = tr.train(checkpoint_path=h.checkpoint_path(f"arm/{arm}"), checkpoint_every=h.cfg.checkpoint_every_steps)
+        with progress.bar(tr.total_steps, f"arm/{arm}") as b:
+            hist = tr.train(checkpoint_path=h.checkpoint_path(f"arm/{arm}"), checkpoint_every=h.cfg.checkpoint_every_steps,
+                            on_log=lambda r: b.to(r["step"], loss=r["loss"], margin=r.get("rewards/margins"),
+                                                  **{"tok/s": r.get("tokens_per_s")}))
         train_s = t.elapsed
         after = tr.evaluate(held, ref_held) if held else nan
         if h.cfg.lora is not None:  # adapters merged: a plain model folder like every other arm's
@@ -72,10 +77,13 @@ def _make_dpo_stage(loss_type: str, beta: float, seed: int) -> Stage:
                 "steps": tr.step, "heldout_acc_before": before["eval/rewards/accuracies"],
                 "heldout_acc_after": after["eval/rewards/accuracies"], "heldout_margin_after": after["eval/rewards/margins"],
                 "time/reference_s": ref_s, "time/train_s": train_s,
-                "tokens_per_s": hist[-1]["tokens_per_s"], "tokens_seen": hist[-1]["tokens_seen"],
+                "tokens_per_s": hist[-1]["tokens_per_s"], "tokens_seen": hist[-1]["tokens_seen"], "params": n_par,
+                **compute_record(trained=[(n_par, hist[-1]["tokens_seen"])],  # held-out accuracy: 2 policy forwards
+                                 forward=[(n_par, 2 * sum(e.n_tokens_packed for e in held))],
+                                 shared={REFLOGPS: stage_flops(h, REFLOGPS)}),
                 "final": {k: v for k, v in hist[-1].items() if "/" in k or k == "loss"}}
 
-    return Stage(f"arm/{arm}", ("sft", "prefs", REFLOGPS), lambda c: dpo_key(c, loss_type, beta, seed), run, version=3)
+    return Stage(f"arm/{arm}", ("sft", "prefs", REFLOGPS), lambda c: dpo_key(c, loss_type, beta, seed), run, version=4)
 
 
 # ------------------------------------------------------------------------------------------------ pi_ref log-probs
@@ -99,8 +107,9 @@ def _reflogps(h: Harness, out: Path) -> dict:
     ref = compute_reference_logps(model, ex + held, pad_id=tok.pad_token_id, autocast=h.autocast(), layout=cfg.layout)
     secs = t.elapsed
     torch.save({k: v.contiguous() for k, v in ref.items()}, out / "reflogps.pt")
+    tokens = sum(e.n_tokens_packed for e in ex + held)
     return {"train_pairs": len(ex), "heldout_pairs": len(held), "truncated_pairs": n_cut, "time/reference_s": secs,
-            "tokens": sum(e.n_tokens_packed for e in ex + held)}
+            "tokens": tokens, **compute_record(forward=[(models.n_params(model), tokens)])}
 
 
 def reflogps_stage() -> Stage:
@@ -109,7 +118,7 @@ def reflogps_stage() -> Stage:
         return {"max_length": cfg.max_length, "truncation": cfg.truncation_mode, "layout": cfg.layout,
                 "heldout": heldout_fraction(c), "dtype": c.dtype}
 
-    return Stage(REFLOGPS, ("sft", "prefs"), key, _reflogps, optional=True)
+    return Stage(REFLOGPS, ("sft", "prefs"), key, _reflogps, optional=True, version=2)
 
 
 def load_reflogps(h: Harness, n_train: int, n_held: int):

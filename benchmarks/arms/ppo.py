@@ -12,11 +12,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import utils
+from benchmarks import progress, utils
+from benchmarks.arms.common import compute_record, stage_flops
 from benchmarks.arms.registry import ArmFamily, ArmPlan, Method, fmt, register
 from benchmarks.arms.reward_model import RM_STAGE, rm_stage
 from benchmarks.harness import Harness, Stage
 from benchmarks.stages import load_model, load_prompts, lora_key
+from benchmarks.tasks import models
 from methods import lora
 
 KIND_METHOD = {"ppo": "ppo", "sppo": "strong_ppo", "ppogt": "ppo_gt"}
@@ -83,8 +85,14 @@ def _make_ppo_stage(kind: str, kl_coef: float | None, target_kl: float | None, s
         t = utils.Timer()
         status = "ok"
         try:
-            hist = tr.train(on_log=lambda rec: rec.__setitem__("objective/gold", gold_log[-1]),
-                            checkpoint_path=h.checkpoint_path(f"arm/{arm}"), checkpoint_every=h.cfg.checkpoint_every_iterations)
+            with progress.bar(cfg.iterations, f"arm/{arm}", unit="it") as b:
+                def on_log(rec):
+                    rec["objective/gold"] = gold_log[-1]
+                    b.to(rec["iteration"], kl=rec["objective/kl"], score=rec["objective/scores"], gold=gold_log[-1],
+                         **{"tok/s": rec["tokens/sequence"] / max(rec["time/iteration"], 1e-9)})
+
+                hist = tr.train(on_log=on_log, checkpoint_path=h.checkpoint_path(f"arm/{arm}"),
+                                checkpoint_every=h.cfg.checkpoint_every_iterations)
         except KLBlowupError as e:
             hist, status = tr.history, f"stopped: {e}"
         train_s = t.elapsed
@@ -96,17 +104,27 @@ def _make_ppo_stage(kind: str, kl_coef: float | None, target_kl: float | None, s
         phases = {k: sum(r.get(k, 0.0) for r in hist) for k in ("time/generation", "time/reward", "time/ref_value_forward", "time/update")}
         rm_sum = h.results[RM_STAGE].summary
         last = hist[-1] if hist else {}
+        tok = {k: sum(r.get(f"tokens/{k}", 0) for r in hist) for k in ("prompt", "generated", "sequence", "update")}
+        n_pol, n_rm = models.n_params(policy), models.n_params(rm)
+        n_val = models.n_params(value) if value is not None else 0
+        # rollout forwards: old policy log-probs, reference, value (separate model), reward model (not for PPO-GT)
+        fwd = [(n_pol, tok["sequence"]), (n_pol, tok["sequence"])] + ([(n_val, tok["sequence"])] if n_val else []) \
+            + ([(n_rm, tok["sequence"])] if kind != "ppogt" else [])
+        compute = compute_record(generated=[(n_pol, tok["prompt"] + tok["generated"])], forward=fwd,
+                                 trained=[(n_pol + n_val, tok["update"])],
+                                 shared={RM_STAGE: stage_flops(h, RM_STAGE)})  # PPO-GT's value model is the RM's too
         return {"arm": arm, "method": KIND_METHOD[kind], "loss_type": "", "kl_coef": cfg.init_kl_coef,
                 "target_kl": target_kl, "seed": seed, "status": status,
                 "iterations": len(hist), "time/train_s": train_s, **{k + "_s": v for k, v in phases.items()},
                 "tokens_seen": last.get("tokens_seen"), "episodes_seen": last.get("episodes_seen"),
                 "tokens_per_s": (last.get("tokens_seen") or 0) / max(train_s, 1e-9),
                 "rm_accuracy": rm_sum["rm_accuracy"], "rm_gold_pearson": rm_sum["rm_gold_pearson"],
+                "params": n_pol, **compute,
                 "final": {k: v for k, v in last.items() if k.startswith(("objective/", "policy/", "val/"))}}
 
     key = lambda c: {"ppo": asdict(ppo_config(c, kind, kl_coef, target_kl, seed)), "kind": kind, "dtype": c.dtype,  # noqa: E731
                      "target": c.task.target, "gold": c.task.gold} | lora_key(c)
-    return Stage(f"arm/{arm}", ("sft", "prompts", RM_STAGE), key, run, version=2)
+    return Stage(f"arm/{arm}", ("sft", "prompts", RM_STAGE), key, run, version=3)
 
 
 @register

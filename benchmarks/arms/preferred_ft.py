@@ -6,10 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from benchmarks import utils
-from benchmarks.arms.common import heldout_fraction, train_and_heldout_pairs
+from benchmarks.arms.common import compute_record, heldout_fraction, train_and_heldout_pairs
 from benchmarks.arms.registry import ArmFamily, ArmPlan, Method, register
 from benchmarks.harness import Harness, Stage
 from benchmarks.stages import load_model, lora_key
+from benchmarks.tasks import models
 from methods import lora
 
 
@@ -54,11 +55,13 @@ def _make_pft_stage(seed: int) -> Stage:
         policy.save_pretrained(out / "model")
         tok.save_pretrained(out / "model")
         utils.write_jsonl(out / "train_curve.jsonl", hist)
+        n_par = models.n_params(policy)
         return {"arm": arm, "method": "preferred_ft", "loss_type": "", "seed": seed, "time/train_s": t.elapsed,
-                "tokens_per_s": hist[-1]["tokens_per_s"], "final_loss": hist[-1]["loss"]}
+                "tokens_per_s": hist[-1]["tokens_per_s"], "final_loss": hist[-1]["loss"], "params": n_par,
+                **compute_record(trained=[(n_par, hist[-1]["tokens_seen"])])}
 
     key = lambda c: {"pft": _hparams(c), "heldout": heldout_fraction(c), "seed": seed, "dtype": c.dtype} | lora_key(c)  # noqa: E731
-    return Stage(f"arm/{arm}", ("sft", "prefs"), key, run, version=2)
+    return Stage(f"arm/{arm}", ("sft", "prefs"), key, run, version=3)
 
 
 @register

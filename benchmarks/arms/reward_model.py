@@ -7,10 +7,11 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks import utils
-from benchmarks.arms.common import heldout_fraction, train_and_heldout_pairs
+from benchmarks import progress, utils
+from benchmarks.arms.common import compute_record, heldout_fraction, train_and_heldout_pairs
 from benchmarks.harness import Harness, Stage
 from benchmarks.stages import load_model, load_prompts, lora_key, sample_texts
+from benchmarks.tasks import models
 from methods import lora
 
 RM_STAGE = "arm/rm"
@@ -27,7 +28,9 @@ def _rm(h: Harness, out: Path) -> dict:
     rm.backbone = lora.add_adapters(rm.backbone, h.cfg.lora, seed=cfg.seed)  # the head always trains in full
     train, held = train_and_heldout_pairs(h)
     t = utils.Timer()
-    hist, metrics = train_reward_model(rm, tok, train, held or None, cfg, h.device, autocast=h.autocast())
+    with progress.bar(None, RM_STAGE) as b:
+        hist, metrics = train_reward_model(rm, tok, train, held or None, cfg, h.device, autocast=h.autocast(),
+                                           on_log=lambda r: b.to(r.get("step", 0), loss=r.get("loss"), acc=r.get("accuracy")))
     if not held:
         h.log("[arm/rm] warning: no held-out pairs, the RM's accuracy is unknown (raise task.n_train_prompts)")
     train_s = t.elapsed
@@ -43,7 +46,10 @@ def _rm(h: Harness, out: Path) -> dict:
     rm.backbone = lora.merged(rm.backbone)
     rm.save_pretrained(out / "rm", tokenizer=tok)
     utils.write_jsonl(out / "train_curve.jsonl", hist)
-    return {"rm_accuracy": metrics.get("eval/accuracy", float("nan")), "rm_gold_pearson": corr["pearson"], "rm_gold_spearman": corr["spearman"],
+    n_rm = models.n_params(rm)
+    trained = max((r["tokens_seen"] for r in hist if "tokens_seen" in r), default=0)  # eval records carry none
+    return {**compute_record(trained=[(n_rm, trained)]), "params": n_rm,
+            "rm_accuracy": metrics.get("eval/accuracy", float("nan")), "rm_gold_pearson": corr["pearson"], "rm_gold_spearman": corr["spearman"],
             "train_pairs": len(train), "heldout_pairs": len(held), "time/train_s": train_s,
             "rm_score_mean": float(sum(scores) / len(scores)), **{k: v for k, v in metrics.items() if k.startswith("eval/")}}
 
@@ -51,4 +57,4 @@ def _rm(h: Harness, out: Path) -> dict:
 def rm_stage() -> Stage:
     return Stage(RM_STAGE, ("sft", "prefs", "prompts"), lambda c: {
         "rm": asdict(c.rlhf.rm), "dtype": c.dtype, "heldout": heldout_fraction(c), "eval_max_new": c.eval.max_new_tokens,
-        "gold": c.task.gold} | lora_key(c), _rm)
+        "gold": c.task.gold} | lora_key(c), _rm, version=2)

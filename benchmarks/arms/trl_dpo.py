@@ -6,11 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from benchmarks import utils
-from benchmarks.arms.common import train_and_heldout_pairs
+from benchmarks.arms.common import compute_record, train_and_heldout_pairs
 from benchmarks.arms.dpo import dpo_arm_id, dpo_key, dpo_train_config
 from benchmarks.arms.registry import ArmFamily, ArmPlan, Method, register
 from benchmarks.harness import Harness, Stage
 from benchmarks.stages import load_model
+from benchmarks.tasks import models
 
 
 def _make_trl_stage(loss_type: str, beta: float, seed: int) -> Stage:
@@ -21,7 +22,7 @@ def _make_trl_stage(loss_type: str, beta: float, seed: int) -> Stage:
         import warnings
 
         from methods.baselines.trl_dpo import train_trl_dpo
-        from methods.dpo.trainer import example_order, total_steps_for
+        from methods.dpo.trainer import example_order, tokenize_pairs, total_steps_for
 
         cfg = dpo_train_config(h.cfg, loss_type, beta, seed)
         utils.seed_everything(seed)
@@ -42,12 +43,18 @@ def _make_trl_stage(loss_type: str, beta: float, seed: int) -> Stage:
         policy.save_pretrained(out / "model")
         tok.save_pretrained(out / "model")
         utils.write_jsonl(out / "train_curve.jsonl", hist)
+        # compute: TRL's padded layout (the prompt once per response) and a live reference forward every step
+        tokens = sum(e.n_tokens_padded_layout for e in tokenize_pairs(tok, seq_rows[: steps * cfg.batch_size],
+                                                                      max_length=cfg.max_length,
+                                                                      truncation_mode=cfg.truncation_mode)[0])
+        n_par = models.n_params(policy)
         return {"arm": arm, "method": "trl_dpo", "loss_type": loss_type, "beta": beta, "seed": seed, "steps": steps,
-                "time/train_s": train_s,
+                "time/train_s": train_s, "params": n_par,
+                **compute_record(trained=[(n_par, tokens)], forward=[(n_par, tokens)]),
                 "final": {k: v for k, v in hist[-1].items() if "/" in k or k == "loss"} if hist else {}}
 
     return Stage(f"arm/{arm}", ("sft", "prefs"), lambda c: dpo_key(c, loss_type, beta, seed) | {"peer": "trl"}, run,
-                 version=3)
+                 version=4)
 
 
 @register

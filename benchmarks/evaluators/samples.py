@@ -20,7 +20,7 @@ def eval_seed(seed: int, prompt_id: str, temperature: float, k: int) -> int:
 
 @torch.no_grad()
 def generate_eval_samples(model, ref_model, tokenizer, prompts: list[dict], *, temperatures: list[float], n: int,
-                          max_new_tokens: int, seed: int, gold_fn, autocast=None) -> tuple[list[dict], dict]:
+                          max_new_tokens: int, seed: int, gold_fn, autocast=None, on_batch=None) -> tuple[list[dict], dict]:
     """Rows for every (prompt, temperature, sample index) and per-phase timings; ``gold_fn(texts, prompts)`` is the
     task's gold reward (``benchmarks.tasks.registry.task_gold``)."""
     rows: list[dict] = []
@@ -35,7 +35,7 @@ def generate_eval_samples(model, ref_model, tokenizer, prompts: list[dict], *, t
                 meta.append((p, k))
         t = Timer()
         res = sample(model, ids, max_new_tokens=max_new_tokens, temperature=temp, seeds=seeds, eos_token_id=eos,
-                     pad_token_id=tokenizer.pad_token_id, autocast=autocast)
+                     pad_token_id=tokenizer.pad_token_id, autocast=autocast, on_batch=on_batch)
         timing["generation_s"] += t.elapsed
         timing["new_tokens"] += res.tokens_generated
         texts = tokenizer.batch_decode(res.completions, skip_special_tokens=True)

@@ -202,7 +202,8 @@ def _empty(ax, text: str) -> None:
 NUMERIC = ["temperature", "beta", "seed", "gold", "gold_low", "gold_high", "win_vs_sft", "win_vs_sft_low",
            "win_vs_sft_high", "win_vs_chosen", "win_vs_chosen_low", "win_vs_chosen_high", "kl", "kl_low", "kl_high",
            "length", "distinct_1", "distinct_2", "train_s", "train_peak_rss_mb", "train_tokens_per_s",
-           "rm_accuracy", "rm_gold_pearson", "target_kl", "kl_coef", "bon_n"]
+           "rm_accuracy", "rm_gold_pearson", "target_kl", "kl_coef", "bon_n", "params", "tokens_forward",
+           "tokens_trained", "tokens_generated", "flops_own", "flops_shared", "flops"]
 
 
 def tidy_summary(df: pd.DataFrame) -> pd.DataFrame:
@@ -307,6 +308,50 @@ def frontier(summary_df: pd.DataFrame, temperature: float = 1.0) -> Figure:
     ax.margins(x=0.08, y=0.12)
     _legend_below(fig, ax, ncol=3)
     return fig
+
+
+@_styled
+def gold_vs_flops(summary_df: pd.DataFrame, temperature: float = 1.0) -> Figure:
+    """Gold reward against the estimated training compute of each arm (FLOPs, log axis: 2N per forward and
+    generated token, 6N per trained token, shared stages such as the reward model counted in full), at one
+    temperature; the reference's gold is the dashed line. Arms without compute records are left out."""
+    df = tidy_summary(summary_df)
+    df = df[np.isclose(df.temperature, pick_temperature(df, temperature))]
+    fig = _new_figure(SINGLE_COL_IN, 3.0)
+    ax = fig.add_subplot()
+    flops = pd.to_numeric(df.get("flops"), errors="coerce") if "flops" in df else pd.Series(np.nan, index=df.index)
+    ref = df[df.method.map(is_reference)]
+    pts = df[~df.method.map(is_reference) & (flops > 0)].assign(flops=flops)
+    if pts.empty:
+        _empty(ax, "no compute records (runs made before compute accounting)")
+        return fig
+    if not ref.empty:
+        ax.axhline(float(ref.gold.mean()), color=method_color(ref.method.iloc[0]), lw=0.7, ls=(0, (4, 3)), zorder=1)
+    variants = loss_variants(pts)
+    for (method, loss_type), g in sorted(pts.groupby(["method", "loss_type"], sort=False),
+                                         key=lambda kv: (method_rank(kv[0][0]), kv[0][0], variants[kv[0]])):
+        color = method_color(method)
+        ax.errorbar(g.flops, g.gold, yerr=_err(g.gold, g.get("gold_low"), g.get("gold_high")), fmt="none",
+                    ecolor=color, elinewidth=0.6, alpha=0.8, zorder=2)
+        ax.plot(g.flops, g.gold, ls="none", ms=4.2 if method_filled(method) else 5.2, zorder=4,
+                label=method_label(method, loss_type), **marker_style(method, variants[(method, loss_type)]))
+    ax.set_xscale("log")
+    ax.set_xlabel("training compute of the arm [FLOPs, estimated]")
+    ax.set_ylabel("gold reward")
+    _legend_below(fig, ax, ncol=2)
+    return fig
+
+
+def cost_table(summary_df: pd.DataFrame, temperature: float = 1.0) -> pd.DataFrame:
+    """One row per arm at the headline temperature: tokens, FLOPs (own and with shared stages), wall time, peak
+    memory, gold; ordered like every table."""
+    df = tidy_summary(summary_df)
+    df = df[np.isclose(df.temperature, pick_temperature(df, temperature))]
+    cols = ["arm", "method", "params", "tokens_forward", "tokens_trained", "tokens_generated", "flops_own", "flops",
+            "train_s", "train_peak_rss_mb", "gold"]
+    out = df.reindex(columns=cols).copy()
+    out["_o"] = out.method.map(method_rank)
+    return out.sort_values(["_o", "arm"]).drop(columns="_o").reset_index(drop=True)
 
 
 @_styled
@@ -645,6 +690,9 @@ FIGURE_CAPTIONS = {
                        "(prompts) seen; faint lines are raw logs, solid lines a running mean.",
     "ppo_run": "One PPO run: reward (left axis) and KL to the reference (right axis, dashed) per iteration.",
     "phase_bars": "Training wall seconds per phase (left) and peak process RSS per arm stage (right).",
+    "gold_vs_flops": "Gold reward against each arm's estimated compute (2N FLOPs per forward or generated token, 6N "
+                     "per trained token; the reward model and pi_ref's log-probs counted in full for every arm that "
+                     "needs them; evaluation left out, except for best-of-N, whose procedure is its evaluation).",
 }
 
 
@@ -673,6 +721,7 @@ def make_figures(run: RunData, temperature: float | None = None) -> tuple[dict[s
         "ppo_run": (lambda: ppo_run(run.curves[ppo_arm], title=ppo_arm, method=run.methods[ppo_arm]))
         if ppo_arm else "no PPO arm with a training curve",
         "phase_bars": lambda: phase_bars(run.stages) if run.stages else "no stages.json",
+        "gold_vs_flops": lambda: gold_vs_flops(run.arms, temperature=t),
     }
     paths: dict[str, dict[str, Path]] = {}
     errors: dict[str, str] = {}

@@ -34,6 +34,7 @@ SECTIONS = [  # (anchor, heading): the template renders these headings, the test
     ("curves", "Training curves"),
     ("ppo", "PPO run"),
     ("perf", "Time and memory per phase"),
+    ("cost", "Compute cost"),
     ("diagnostics", "Diagnostics"),
     ("failed", "Failed arms"),
     ("samples", "Sample browser"),
@@ -122,6 +123,18 @@ def headline_rows(run: F.RunData, temperature: float) -> list[dict]:
     return rows
 
 
+def cost_rows(run: F.RunData, temperature: float) -> list[dict]:
+    """The cost table: tokens and estimated FLOPs of every arm (own, and with the shared stages it needs)."""
+    if run.arms.empty or "flops" not in run.arms:
+        return []
+    sci = lambda x: f"{float(x):.2e}" if _isnum(x) else "\u2013"  # noqa: E731
+    return [{"arm": r["arm"], "color": F.method_color(r.get("method") or ""), "params": fmt(r.get("params"), ",.0f"),
+             "fwd": sci(r.get("tokens_forward")), "trained": sci(r.get("tokens_trained")),
+             "generated": sci(r.get("tokens_generated")), "flops_own": sci(r.get("flops_own")), "flops": sci(r.get("flops")),
+             "train_s": fmt(r.get("train_s"), ".1f"), "gold": fmt(r.get("gold"))}
+            for r in _records(F.cost_table(run.arms, temperature))]
+
+
 def by_config_rows(run: F.RunData) -> list[dict]:
     bc = run.by_config
     if bc is None or bc.empty or "n_seeds" not in bc or not (pd.to_numeric(bc.n_seeds, errors="coerce") > 1).any():
@@ -200,6 +213,7 @@ def build_context(run: F.RunData, fig_paths: dict, fig_errors: dict) -> dict:
         "temperatures": ", ".join(f"{x:g}" for x in sorted(pd.unique(run.arms.temperature.dropna()))) if not run.arms.empty else "",
         "headline": headline_rows(run, t),
         "by_config": by_config_rows(run),
+        "cost": cost_rows(run, t),
         "figs": figs,
         "ppo_arm": F.pick_ppo_arm(run),
         "missing_curves": run.missing_curves,

@@ -590,7 +590,7 @@ class PPOTrainer(CheckpointMixin):
         stats: dict[str, list[float]] = {k: [] for k in ("approxkl", "clipfrac", "entropy", "pg_loss", "vf_loss",
                                                           "vf_clipfrac", "loss", "grad_norm", "ratio")}
         first_approxkl = math.nan
-        early, n_updates = False, 0
+        early, n_updates, update_tokens = False, 0, 0
         params = self._policy_params + self._value_params
         with timers("time/update"):
             for epoch in range(cfg.ppo_epochs):
@@ -629,6 +629,7 @@ class PPOTrainer(CheckpointMixin):
                     check_finite("grad_norm", gnorm, phase="update", step=it)
                     self.opt.step()
                     n_updates += 1
+                    update_tokens += int(attn[mb_all].sum())  # policy (and value) forward + backward tokens
                     akl = float(mstats["approxkl"])
                     if n_updates == 1:
                         first_approxkl = akl  # 0 up to float noise: policy unchanged since the rollout
@@ -668,6 +669,12 @@ class PPOTrainer(CheckpointMixin):
             "objective/kl_coef": kl_coef,
             "objective/eos_frac": float(ended.float().mean()),
             "objective/completion_len": n_tok / R,
+            # compute accounting (whole rollout batch): prompt + generated tokens of sampling, the tokens of each
+            # no-grad forward over the rollouts (old policy, reference, value, reward), the update's fwd+bwd tokens
+            "tokens/prompt": sum(len(p) for p in prompts),
+            "tokens/generated": sum(len(c) for c in comps),
+            "tokens/sequence": int(attn.sum()),
+            "tokens/update": update_tokens,
             "objective/reward_norm_mean": norm_mean,
             "objective/reward_norm_std": norm_std,
             "policy/approxkl": float(np.mean(stats["approxkl"])),
