@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import utils
+from benchmarks import progress, utils
 from benchmarks.config import SuiteConfig, to_dict, to_yaml
 from methods.distributed import Dist
 
@@ -247,8 +247,6 @@ class Harness:
             run_dir.mkdir(parents=True, exist_ok=True)
             utils.atomic_write_text(run_dir / "resolved_config.yaml", to_yaml(self.cfg))
         t = utils.Timer()
-        from benchmarks import progress
-
         show_eta = self.dist.is_main and progress.is_terminal()  # piped: one line per stage, nothing more
         for k, name in enumerate(targets, 1):
             if show_eta and k > 1:

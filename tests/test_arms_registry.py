@@ -88,6 +88,13 @@ def test_every_trainer_field_reaches_each_dpo_arm_and_its_key(tmp_path):
     assert {n for n in _changed(base, wd) if n.startswith("arm/")} == {"arm/dpo-sigmoid-b0.1-s0", "arm/trl-sigmoid-b0.1-s0"}
 
 
+def _tiny_run_args(tmp_path, overrides: list[str], drop: tuple[str, ...]) -> list[str]:
+    """`prefbench run` arguments of the tiny smoke suite in tmp_path, without the TINY keys of sections dropped."""
+    sets = [f"cache_dir={tmp_path}/cache", f"runs_dir={tmp_path}/runs", *overrides,
+            *(o for o in TINY if not o.startswith(drop))]
+    return ["run", "--suite", "smoke", *(x for o in sets for x in ("--set", o))]
+
+
 # ------------------------------------------------------------------------------------------- a toy family
 @dataclass
 class ToyConfig:
@@ -128,8 +135,7 @@ class ToyNoise(ArmFamily):
                 tok.save_pretrained(out / "model")
                 return {"arm": arm, "method": "toy", "seed": seed}
 
-            p.stages[f"arm/{arm}"] = Stage(f"arm/{arm}", ("sft",), lambda c, seed=seed: {"scale": cfg.scale, "seed": seed}, run)
-            p.trained.append(arm)
+            p.add_arm(Stage(f"arm/{arm}", ("sft",), lambda c, seed=seed: {"scale": cfg.scale, "seed": seed}, run))
         return p
 
 
@@ -159,11 +165,7 @@ def test_toy_family_runs_end_to_end_and_shows_in_tables_figures_and_report(toy_f
     from benchmarks.report import figures as F
     from benchmarks.report.html import build_report
 
-    args = ["run", "--suite", "smoke", "--set", f"cache_dir={tmp_path}/cache", "--set", f"runs_dir={tmp_path}/runs",
-            "--set", "dpo=null", "--set", "rlhf=null", "--set", "arms.toy.scale=0.02"]
-    for o in TINY:
-        if not o.startswith(("dpo.", "rlhf.")):
-            args += ["--set", o]
+    args = _tiny_run_args(tmp_path, ["dpo=null", "rlhf=null", "arms.toy.scale=0.02"], drop=("dpo.", "rlhf."))
     assert main(args) == 0
     run = tmp_path / "runs" / "smoke"
     summary = pd.read_csv(run / "summary.csv")
@@ -282,11 +284,8 @@ def test_unknown_task_names_the_key_and_the_registered_tasks():
 def test_toy_task_runs_end_to_end(toy_task, tmp_path):
     from benchmarks.cli import main
 
-    args = ["run", "--suite", "smoke", "--set", f"cache_dir={tmp_path}/cache", "--set", f"runs_dir={tmp_path}/runs",
-            "--set", "task.name=toy_vowels", "--set", "task.corpus=null", "--set", "rlhf=null"]
-    for o in TINY:
-        if not o.startswith(("task.corpus", "rlhf.")):
-            args += ["--set", o]
+    args = _tiny_run_args(tmp_path, ["task.name=toy_vowels", "task.corpus=null", "rlhf=null"],
+                          drop=("task.corpus", "rlhf."))
     assert main(args) == 0
     summary = pd.read_csv(tmp_path / "runs" / "smoke" / "summary.csv")
     assert set(summary.arm) == {"sft", "dpo-sigmoid-b0.1-s0", "trl-sigmoid-b0.1-s0"}

@@ -69,10 +69,7 @@ class BestOfN(ArmFamily):
         p = ArmPlan()
         if c.rlhf is None or not c.rlhf.best_of_n:
             return p
-        p.stages[RM_STAGE] = rm_stage()
-        p.shared.append(RM_STAGE)
+        p.need(rm_stage())
         for n in c.rlhf.best_of_n:
-            st = _make_bon_eval_stage(n)
-            p.stages[st.name] = st
-            p.eval_only.append(f"bon-n{n}")
+            p.add_arm(_make_bon_eval_stage(n), evaluated_only=True)
         return p

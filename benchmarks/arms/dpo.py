@@ -144,11 +144,8 @@ class DPO(ArmFamily):
         p = ArmPlan()
         if c.dpo is None:
             return p
-        p.stages[REFLOGPS] = reflogps_stage()
-        p.shared.append(REFLOGPS)
+        p.need(reflogps_stage())
         for seed in c.seeds:
             for lt, beta in [(c.dpo.loss_type, b) for b in c.dpo.betas] + [(v, c.dpo.betas[0]) for v in c.dpo.variants]:
-                st = _make_dpo_stage(lt, beta, seed)
-                p.stages[st.name] = st
-                p.trained.append(st.name[4:])
+                p.add_arm(_make_dpo_stage(lt, beta, seed))
         return p

@@ -141,14 +141,11 @@ class PPO(ArmFamily):
         if c.rlhf is None:
             return p
         r = c.rlhf
-        p.stages[RM_STAGE] = rm_stage()
-        p.shared.append(RM_STAGE)
+        p.need(rm_stage())
         grid = [(k, None) for k in r.kl_coefs] + [(None, t) for t in r.target_kls] or [(r.ppo.init_kl_coef, r.ppo.target_kl)]
         for seed in c.seeds:
             kinds = [("ppo", g) for g in grid] + ([("sppo", grid[0])] if r.strong_ppo else []) \
                 + ([("ppogt", grid[0])] if r.ppo_gt else [])
             for kind, (kl, tkl) in kinds:
-                st = _make_ppo_stage(kind, kl, tkl, seed)
-                p.stages[st.name] = st
-                p.trained.append(st.name[4:])
+                p.add_arm(_make_ppo_stage(kind, kl, tkl, seed))
         return p

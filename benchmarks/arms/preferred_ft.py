@@ -74,7 +74,5 @@ class PreferredFT(ArmFamily):
         if c.rlhf is None or not c.rlhf.preferred_ft:
             return p
         for seed in c.seeds:
-            st = _make_pft_stage(seed)
-            p.stages[st.name] = st
-            p.trained.append(st.name[4:])
+            p.add_arm(_make_pft_stage(seed))
         return p

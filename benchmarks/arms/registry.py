@@ -65,6 +65,17 @@ class ArmPlan:
     shared: list[str] = field(default_factory=list)
     """Non-arm stages the family needs run before its arms (e.g. ``arm/rm``), in order."""
 
+    def need(self, stage: Stage) -> None:
+        """A non-arm stage this family's arms read (the reward model, pi_ref's log-probs), run before them."""
+        self.stages[stage.name] = stage
+        if stage.name not in self.shared:
+            self.shared.append(stage.name)
+
+    def add_arm(self, stage: Stage, evaluated_only: bool = False) -> None:
+        """One arm: its train stage ``arm/<id>`` (or, for a procedure that trains nothing, its ``eval/<id>``)."""
+        self.stages[stage.name] = stage
+        (self.eval_only if evaluated_only else self.trained).append(stage.name.split("/", 1)[1])
+
 
 class ArmFamily:
     """Base class of an arm family. Subclasses set ``name`` and ``methods`` and implement ``plan``.

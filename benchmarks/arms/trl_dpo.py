@@ -67,7 +67,5 @@ class TRLDPO(ArmFamily):
         p = ArmPlan()
         if c.dpo is None or not c.dpo.trl_peer:
             return p
-        st = _make_trl_stage(c.dpo.loss_type, c.dpo.betas[0], c.seeds[0])
-        p.stages[st.name] = st
-        p.trained.append(st.name[4:])
+        p.add_arm(_make_trl_stage(c.dpo.loss_type, c.dpo.betas[0], c.seeds[0]))
         return p

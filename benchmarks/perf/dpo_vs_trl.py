@@ -354,30 +354,11 @@ def _spawn(variant: str, workdir: Path, result: Path, threads: int, timeout: flo
     return json.loads(result.read_text())
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return sorted(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in have)
-    except OSError:
-        pass
-    return []
-
-
 def _provenance(threads: int) -> dict:
     import torch
     import transformers
+
+    from benchmarks.machine import cpu_info, kind_of  # the one reader of CPU model and flags
 
     try:
         import trl
@@ -386,8 +367,8 @@ def _provenance(threads: int) -> dict:
     except ImportError:
         trl_v = None
     return {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl_v,
-            "python": platform.python_version(), "threads": threads, "cpu_model": _cpu_model(),
-            "cpu_flags": _cpu_flags(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "threads": threads, **cpu_info(),
+            "machine_kind": kind_of(cpu_info()), "cpu_count": os.cpu_count(), "platform": platform.platform(),
             "argv": sys.argv[1:]}
 
 
