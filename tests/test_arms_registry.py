@@ -58,7 +58,7 @@ def test_one_new_grid_value_reruns_exactly_its_own_arms(suite, tmp_path):
         after = _plan_hashes(suite, overrides, tmp_path)
         expected = {f"arm/{a}" for a in new_arms} | {f"eval/{a}" for a in new_arms}
         if grid == "rlhf.best_of_n":
-            expected = {"eval/bon-n77"}
+            expected = {f"eval/bon-n77-s{s}" for s in c.seeds}
         assert _changed(base, after) == expected, (suite, grid)
         assert set(base) <= set(after)
         tried += 1

@@ -13,10 +13,11 @@ from benchmarks.arms.reward_model import RM_STAGE, rm_stage
 from benchmarks.harness import Harness, Stage
 from benchmarks.stages import load_model, load_prompts
 from benchmarks.tasks import models
+from methods.sampling import derive_seed
 
 
-def _make_bon_eval_stage(n: int) -> Stage:
-    arm = f"bon-n{n}"
+def _make_bon_eval_stage(n: int, seed: int) -> Stage:
+    arm = f"bon-n{n}-s{seed}"
 
     def run(h: Harness, out: Path) -> dict:
         import pandas as pd
@@ -34,7 +35,7 @@ def _make_bon_eval_stage(n: int) -> Stage:
         for temp in e.temperatures:
             t = utils.Timer()
             res = best_of_n(model, tok, [p["prompt_ids"] for p in prompts], n, reward_fn, e.max_new_tokens,
-                            max(temp, 1e-6) if n > 1 else temp, e.seed + int(temp * 1000), autocast=h.autocast(),
+                            max(temp, 1e-6) if n > 1 else temp, derive_seed(e.seed + int(temp * 1000), n, seed), autocast=h.autocast(),
                             return_details=True)
             gen_s += t.elapsed
             prompt_tok += n * sum(len(p["prompt_ids"]) for p in prompts)
@@ -52,12 +53,12 @@ def _make_bon_eval_stage(n: int) -> Stage:
         n_pol, n_rm = models.n_params(model), models.n_params(rm)
         compute = compute_record(generated=[(n_pol, prompt_tok + gen_tok)], forward=[(n_rm, prompt_tok + gen_tok)],
                                  shared={RM_STAGE: stage_flops(h, RM_STAGE)})
-        return {"arm": arm, "method": "best_of_n", "bon_n": n, "samples": len(df), "generation_s": gen_s,
+        return {"arm": arm, "method": "best_of_n", "bon_n": n, "seed": seed, "samples": len(df), "generation_s": gen_s,
                 "new_tokens": res.tokens_generated * len(e.temperatures), "kl_analytic": best_of_n_kl(n),
                 "params": n_pol, **compute}
 
-    key = lambda c: {"eval": asdict(c.eval), "n": n, "target": c.task.target, "gold": c.task.gold, "dtype": c.dtype}  # noqa: E731
-    return Stage(f"eval/{arm}", ("sft", "prompts", RM_STAGE), key, run, version=3)
+    key = lambda c: {"eval": asdict(c.eval), "n": n, "seed": seed, "target": c.task.target, "gold": c.task.gold, "dtype": c.dtype}  # noqa: E731
+    return Stage(f"eval/{arm}", ("sft", "prompts", RM_STAGE), key, run, version=4)
 
 
 @register
@@ -70,6 +71,7 @@ class BestOfN(ArmFamily):
         if c.rlhf is None or not c.rlhf.best_of_n:
             return p
         p.need(rm_stage())
-        for n in c.rlhf.best_of_n:
-            p.add_arm(_make_bon_eval_stage(n), evaluated_only=True)
+        for seed in c.seeds:  # a seed is a fresh draw of the N candidates per prompt
+            for n in c.rlhf.best_of_n:
+                p.add_arm(_make_bon_eval_stage(n, seed), evaluated_only=True)
         return p
