@@ -128,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
 
             summary = collect(h, run_dir)
             print("\n" + print_table(summary))
+            if summary.get("verdict"):
+                import textwrap
+
+                print("\nVerdict (generated from the tables above):\n" + textwrap.fill(summary["verdict"]["text"], 110))
             if summary["failed_arms"]:
                 print(f"\nFAILED arms (the suite went on without them): {sorted(summary['failed_arms'])}")
         print(f"prefbench: done. Run folder: {run_dir} (resolved_config.yaml, stages.json, summary.csv, samples.parquet)")

@@ -18,6 +18,7 @@ from benchmarks import utils
 from benchmarks.arms.registry import config_id, describe, method
 from benchmarks.evaluators.metrics import arm_metrics
 from benchmarks.evaluators.stats import seeds_prompts_ci
+from benchmarks.evaluators.verdict import build_verdict, verdict_text
 
 # the noise floor: the reference compared with itself under a new evaluation sampling seed
 NOISE = {"gold": 0.03, "win_vs_sft": 0.03}
@@ -98,27 +99,18 @@ def collect(h, run_dir: Path) -> dict:
            "by_config": by_config.replace({np.nan: None}).to_dict("records"), "failed_arms": failed,
            "diagnostics": diags}
     out["comparisons"] = comparisons(summary[summary.temperature == t_main])
+    out["verdict"] = build_verdict(samples, summary, suite=h.cfg.name, temperature=t_main,
+                                   commit=out["provenance"].get("git_sha"), seed=h.cfg.eval.seed)
+    out["verdict"]["text"] = verdict_text(out["verdict"])
     utils.atomic_write_json(run_dir / "summary.json", out)
     return out
 
 
 def comparisons(main: pd.DataFrame) -> dict:
-    """Each offline-preference method against each on-policy / reranking method at matched KL (registry kinds; peers
-    left out), and the compute-normalised cost of reaching a target gold reward."""
-    from benchmarks.evaluators.stats import prob_a_beats_b_at_matched_kl
-
+    """The compute-normalised cost of reaching a target gold reward (the frontier comparisons are the verdict's,
+    ``benchmarks/evaluators/verdict.py``)."""
     kinds = {m: method(m) for m in main.method.unique()}
-
-    def pts(m):
-        g = main[main.method == m]
-        return [(r.kl, r.gold, (r.gold_high - r.gold_low) / (2 * 1.96)) for r in g.itertuples()]
-
     out: dict = {}
-    offline = [m for m, i in kinds.items() if i.kind == "offline_preference" and not i.peer_of]
-    others = [m for m, i in kinds.items() if i.kind in ("on_policy_rl", "reranking") and not i.peer_of]
-    for a in sorted(offline, key=lambda m: kinds[m].order):
-        for b in sorted(others, key=lambda m: kinds[m].order):
-            out[f"{a}_vs_{b}_at_matched_kl"] = prob_a_beats_b_at_matched_kl(pts(a), pts(b))
     sft = main[main.method.map(lambda m: kinds[m].kind == "reference")]
     trained = main[main.method.map(lambda m: kinds[m].kind not in ("reference", "reranking"))]
     if len(sft) and len(trained):

@@ -7,9 +7,7 @@ import torch
 from benchmarks.evaluators.metrics import arm_metrics, distinct_n, exact_token_kl, unigram_entropy
 from benchmarks.evaluators.stats import (
     bootstrap_ci,
-    interpolate_at,
     paired_bootstrap_diff,
-    prob_a_beats_b_at_matched_kl,
     seeds_prompts_ci,
     win_rate,
     win_rate_ci,
@@ -56,17 +54,6 @@ def test_distinct_n_and_entropy():
     assert distinct_n([""], 2) == 0.0
     assert unigram_entropy(["a b"]) == pytest.approx(math.log(2))
     assert unigram_entropy(["a a a"]) == 0.0
-
-
-def test_interpolation_and_matched_kl_probability():
-    assert interpolate_at([0, 2], [0, 1], 1.0) == 0.5
-    assert interpolate_at([0, 2], [0, 1], 3.0) is None
-    a = [(1.0, 0.5, 0.01), (3.0, 0.7, 0.01)]
-    b = [(1.0, 0.2, 0.01), (3.0, 0.4, 0.01)]
-    res = prob_a_beats_b_at_matched_kl(a, b)
-    assert res["p"] == 1.0 and res["mean_gap"] == pytest.approx(0.3)
-    assert prob_a_beats_b_at_matched_kl(b, a)["p"] == 0.0
-    assert prob_a_beats_b_at_matched_kl(a, [(10.0, 0.9, 0.01)])["p"] is None  # no overlap
 
 
 def test_exact_kl_of_identical_models_is_zero_and_positive_otherwise(tiny_lm):

@@ -86,6 +86,11 @@ def make_run(root, *, failed: dict | None = None, diagnostics: list | None = Non
                                 "gold": 0.1 * p, "policy_logp": -20.0, "ref_logp": -21.0, "seq_kl": 1.0,
                                 "length": 12, "ended": True})
     pd.DataFrame(samples).to_parquet(run / "samples.parquet", index=False)
+    from benchmarks.evaluators.verdict import build_verdict, verdict_text
+
+    summary["verdict"] = build_verdict(pd.DataFrame(samples), pd.DataFrame(rows), suite="tiny", temperature=1.0, n_boot=50)
+    summary["verdict"]["text"] = verdict_text(summary["verdict"])
+    (run / "summary.json").write_text(json.dumps(summary))
     stages = {}
     for arm, method, lt, beta, _ in ARMS[1:]:
         if method == "best_of_n":
@@ -133,7 +138,11 @@ def test_report_is_self_contained_with_every_section(built):
     assert not re.search(r"url\(\s*['\"]?(https?:)?//", html, re.I)
     assert "@import" not in html and "<link" not in html.lower() and "<script" not in html.lower()
     imgs = re.findall(r"<img\b[^>]*>", html)
-    assert len(imgs) == len(F.FIGURE_CAPTIONS) == 6
+    assert len(imgs) == len(F.FIGURE_CAPTIONS) == 7
+    verdict = html[html.index('<section id="verdict">'):html.index('<section id="provenance">')]
+    assert html.index('<section id="verdict">') < html.index('<section id="headline">')  # the report opens with it
+    assert "On tiny (1 seed per configuration, 10 held-out prompts, T = 1):" in verdict
+    assert "DPO vs PPO" in verdict and "DPO vs Best-of-N" in verdict and "Tuning budget" in verdict
     assert all(re.search(r'src="data:image/png;base64,[A-Za-z0-9+/=]{100,}"', i) for i in imgs)
     assert "resolved_config.yaml" in html and "<details" in html and "abc123def" in html
     assert "ties count 1/2" in html and "bootstrap 95 %" in html

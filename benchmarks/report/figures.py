@@ -311,6 +311,47 @@ def frontier(summary_df: pd.DataFrame, temperature: float = 1.0) -> Figure:
 
 
 @_styled
+def frontier_envelopes(summary_df: pd.DataFrame, samples: pd.DataFrame | None, temperature: float = 1.0,
+                       n_boot: int = 500) -> Figure | str:
+    """Each compared family's frontier (upper envelope of its configurations' seed means, gold vs KL) with a
+    pointwise two-level (seeds, prompts) bootstrap 95 % band; dots are the configurations, hollow when off the
+    front (dominated or over-optimised). The verdict's gaps are computed on these envelopes."""
+    from benchmarks.evaluators.frontier import envelope_band
+    from benchmarks.evaluators.verdict import compared_families, family_configs
+
+    if samples is None or samples.empty:
+        return "no samples.parquet in the run folder"
+    df = tidy_summary(summary_df)
+    t = pick_temperature(df, temperature)
+    df = df[np.isclose(df.temperature, t)]
+    smp = samples[np.isclose(samples.temperature, t)]
+    fig = _new_figure(SINGLE_COL_IN, 3.0)
+    ax = fig.add_subplot()
+    fams = compared_families(df)
+    if not fams:
+        _empty(ax, "no family to compare")
+        return fig
+    ref = df[df.method.map(is_reference)]
+    if not ref.empty:
+        ax.axhline(float(ref.gold.mean()), color=method_color(ref.method.iloc[0]), lw=0.7, ls=(0, (4, 3)), zorder=1)
+    for fam in fams:
+        band = envelope_band(family_configs(smp, df, fam, "kl"), n_boot=n_boot)
+        color = method_color(fam)
+        ax.fill_between(band["x"], band["low"], band["high"], color=color, alpha=0.18, lw=0, zorder=2)
+        ax.plot(band["x"], band["gold"], color=color, lw=1.2, zorder=3, label=method_label(fam))
+        front = set(band["front"])
+        for (x, y), name in zip(band["points"], band["configs"], strict=True):
+            on = name in front
+            ax.plot([x], [y], ls="none", marker=method_marker(fam), ms=4.5, color=color,
+                    mfc=color if on else "white", zorder=4)
+    ax.set_xlabel("KL(\u03c0 \u2016 \u03c0$_{ref}$)  [nats / sequence]")
+    ax.set_ylabel(f"gold reward  (T = {t:g})")
+    ax.margins(x=0.06, y=0.1)
+    _legend_below(fig, ax, ncol=3)
+    return fig
+
+
+@_styled
 def gold_vs_flops(summary_df: pd.DataFrame, temperature: float = 1.0) -> Figure:
     """Gold reward against the estimated training compute of each arm (FLOPs, log axis: 2N per forward and
     generated token, 6N per trained token, shared stages such as the reward model counted in full), at one
@@ -690,6 +731,10 @@ FIGURE_CAPTIONS = {
                        "(prompts) seen; faint lines are raw logs, solid lines a running mean.",
     "ppo_run": "One PPO run: reward (left axis) and KL to the reference (right axis, dashed) per iteration.",
     "phase_bars": "Training wall seconds per phase (left) and peak process RSS per arm stage (right).",
+    "frontier_envelopes": "Each compared family's frontier: the upper envelope of its configurations (seed means; "
+                          "hollow markers are dominated configurations), with a pointwise 95 % band from a two-level "
+                          "bootstrap (seeds within each configuration, then prompts shared by all arms). The verdict "
+                          "compares these envelopes over the KL range both families cover.",
     "gold_vs_flops": "Gold reward against each arm's estimated compute (2N FLOPs per forward or generated token, 6N "
                      "per trained token; the reward model and pi_ref's log-probs counted in full for every arm that "
                      "needs them; evaluation left out, except for best-of-N, whose procedure is its evaluation).",
@@ -722,11 +767,12 @@ def make_figures(run: RunData, temperature: float | None = None) -> tuple[dict[s
         if ppo_arm else "no PPO arm with a training curve",
         "phase_bars": lambda: phase_bars(run.stages) if run.stages else "no stages.json",
         "gold_vs_flops": lambda: gold_vs_flops(run.arms, temperature=t),
+        "frontier_envelopes": lambda: frontier_envelopes(run.arms, run.samples, temperature=t),
     }
     paths: dict[str, dict[str, Path]] = {}
     errors: dict[str, str] = {}
     if run.arms.empty:
-        makers["frontier"] = makers["win_vs_temperature"] = "no evaluated arms"
+        makers["frontier"] = makers["win_vs_temperature"] = makers["frontier_envelopes"] = "no evaluated arms"
     for name, make in makers.items():
         if isinstance(make, str):
             errors[name] = make

@@ -27,6 +27,7 @@ from benchmarks.report import figures as F
 TEMPLATES = Path(__file__).parent / "templates"
 
 SECTIONS = [  # (anchor, heading): the template renders these headings, the test checks them
+    ("verdict", "Verdict"),
     ("provenance", "Provenance"),
     ("headline", "Headline results"),
     ("frontier", "Reward\u2013KL frontier"),
@@ -187,6 +188,34 @@ def _failed(failed: Any) -> list[dict]:
              "reason": str(f.get("reason", "")) if isinstance(f, dict) else ""} for f in failed]
 
 
+def verdict_context(v: dict | None) -> dict | None:
+    """The verdict record of summary.json as table rows (None for runs made before verdicts existed)."""
+    if not v:
+        return None
+    comps = []
+    for c in v.get("comparisons", []):
+        for axis, name in (("kl", "KL"), ("flops", "log10 FLOPs")):
+            r = c.get(axis) or {}
+            rng = (lambda lo, hi: f"{lo:.1f}\u2013{hi:.1f}") if axis == "kl" else (lambda lo, hi: f"{10 ** lo:.1e}\u2013{10 ** hi:.1e}")
+            alone = [f"{c['a_label']} {rng(*x)}" for x in r.get("only_a", [])] + [f"{c['b_label']} {rng(*x)}" for x in r.get("only_b", [])]
+            comps.append({"pair": f"{c['a_label']} vs {c['b_label']}", "axis": name,
+                          "range": rng(*r["overlap"]) if r.get("overlap") else "no overlap",
+                          "gap": f"{r['gap']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}]" if r.get("gap") is not None else "\u2013",
+                          "p": fmt(r.get("p_a_better"), ".2f"), "alone": "; ".join(alone) or "\u2013",
+                          "front": ", ".join(r.get("a_front", []) + r.get("b_front", [])) or r.get("reason", "")})
+    fams = []
+    for f in (v.get("families") or {}).values():
+        fams.append({"label": f["label"], "configs": f["configs"], "axes": ", ".join(f["axes"]) or "one setting",
+                     "rows": [{"config": r["config"], "seeds": r["seeds"],
+                               "gold": fmt(r["gold"]) + (f" \u00b1 {r['gold_sd']:.3f}" if r.get("gold_sd") is not None else ""),
+                               "kl": fmt(r["kl"], ".2f") + (f" \u00b1 {r['kl_sd']:.2f}" if r.get("kl_sd") is not None else ""),
+                               "length": fmt(r.get("length"), ".1f")} for r in f["rows"]]})
+    landing = [{"arm": a["arm"], "target": fmt(a["target_kl"], "g"), "kl": fmt(a["kl"], ".2f"), "error": f"{a['error']:+.0%}",
+                "landed": a["landed"]} for k in (v.get("kl_landing") or {}).values() for a in k["arms"]]
+    return {"text": v.get("text", ""), "comparisons": comps, "families": fams, "landing": landing,
+            "tolerance": next((f"{k['tolerance']:.0%}" for k in (v.get("kl_landing") or {}).values()), "25%")}
+
+
 def build_context(run: F.RunData, fig_paths: dict, fig_errors: dict) -> dict:
     summary = run.summary
     t = F.headline_temperature(run.arms)
@@ -212,6 +241,7 @@ def build_context(run: F.RunData, fig_paths: dict, fig_errors: dict) -> dict:
         "temperature": f"{t:g}" if _isnum(t) else "\u2013",
         "temperatures": ", ".join(f"{x:g}" for x in sorted(pd.unique(run.arms.temperature.dropna()))) if not run.arms.empty else "",
         "headline": headline_rows(run, t),
+        "verdict": verdict_context(summary.get("verdict")),
         "by_config": by_config_rows(run),
         "cost": cost_rows(run, t),
         "figs": figs,
