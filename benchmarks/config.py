@@ -317,8 +317,13 @@ class SuiteConfig:
     """Training seeds of every arm (a sweep axis; the foundation stages use `seed`)."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """'auto' picks cuda > mps > cpu."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Autocast dtype for training/sampling where the device supports it; weights stay fp32."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Autocast dtype of every forward (training, sampling, reward model, reference and evaluation log-probs);
+    weights stay fp32. 'auto' is resolved once when the run starts (``benchmarks.machine.resolve_dtype``): bfloat16
+    on a CUDA device that supports it; on a CPU bfloat16 only if a sub-second probe finds bf16 autocast matmul
+    measurably faster than fp32 (>= 1.2x), else float32; float32 on mps. The resolved dtype is what the cache keys,
+    resolved_config.yaml and stages.json hold ('auto' resolved to float32 reuses explicit float32's cache); the
+    request, the reason and the probe's numbers are in the provenance. float16 needs CUDA."""
     threads: int = 0
     """torch intra-op threads (0 = torch's default)."""
     cache_dir: str = "results/cache"
@@ -346,6 +351,9 @@ class SuiteConfig:
         _check(self.threads >= 0, "threads", "must be >= 0 (0 = default)")
         _check(self.checkpoint_every_steps >= 1, "checkpoint_every_steps", "must be >= 1")
         _check(self.checkpoint_every_iterations >= 1, "checkpoint_every_iterations", "must be >= 1")
+        _check(not (self.dtype == "float16" and self.device in ("cpu", "mps")), "dtype",
+               f"float16 autocast needs a CUDA device, device is {self.device}; "
+               "set dtype: auto (bfloat16 where it is faster, else float32), bfloat16 or float32")
         _check(len(self.seeds) > 0 and all(x >= 0 for x in self.seeds), "seeds", "give one or more seeds >= 0")
         _check(len(set(self.seeds)) == len(self.seeds), "seeds", f"duplicate seeds in {self.seeds}")
         for sub in self.task.corpus.task_sources if self.task.corpus is not None else []:

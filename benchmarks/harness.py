@@ -97,14 +97,39 @@ class Harness:
         self.log = log if self.dist.is_main else (lambda *a, **k: None)
         self.device = utils.resolve_device(cfg.device)
         if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+            torch.set_num_threads(cfg.threads)  # before the dtype probe: it measures with the run's threads
+        self.dtype_choice = self._resolve_dtype()
+        """The run's autocast dtype (``cfg.dtype`` holds ``dtype_choice.resolved`` from here on)."""
         quiet_libraries()
         self.results: dict[str, StageResult] = {}
         self.failed: dict[str, str] = {}
         self._hashes: dict[str, str] = {}
 
+    def _resolve_dtype(self):
+        """Resolve ``cfg.dtype`` (``auto`` -> float32/bfloat16, ``benchmarks.machine.resolve_dtype``) once, and write
+        the resolved dtype into ``cfg.dtype``: every stage key, ``resolved_config.yaml`` and ``stages.json`` see the
+        dtype the run really uses, so ``auto`` resolved to float32 hashes exactly as an explicit ``float32``. Under a
+        multi-process launch rank 0 decides and every rank takes its decision (the ranks' keys must agree)."""
+        from benchmarks.machine import resolve_dtype
+
+        cfg = self.cfg
+        prev = getattr(cfg, "_dtype_choice", None)  # this config object was resolved by an earlier harness
+        if prev is not None and prev.resolved == cfg.dtype and prev.device == self.device:
+            choice = prev
+        else:
+            choice = resolve_dtype(cfg.dtype, self.device) if self.dist.is_main else None
+            choice = self.dist.broadcast_object(choice)
+            if choice.requested == "auto":
+                self.log(choice.line())
+        cfg.dtype = choice.resolved
+        cfg._dtype_choice = choice  # not a dataclass field: to_dict / to_yaml / equality ignore it
+        _DTYPE_CHOICES[(self.device, choice.resolved)] = choice
+        return choice
+
     # -------------------------------------------------------------------------------- keys and paths
     def stage_key(self, name: str) -> dict:
+        if self.cfg.dtype == "auto":  # a key with 'auto' in it would name no real dtype (and differ from float32's)
+            raise RuntimeError("cfg.dtype is 'auto' after the harness resolved it; resolve it with a new Harness")
         st = self.stages[name]
         return {"stage": name, "version": st.version, "config": st.key(self.cfg),
                 "inputs": {d: self.stage_hash(d) for d in st.deps}}
@@ -245,7 +270,9 @@ class Harness:
         run_dir = run_dir or (self.root / self.cfg.runs_dir / self.cfg.name)
         if self.dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            utils.atomic_write_text(run_dir / "resolved_config.yaml", to_yaml(self.cfg))
+            c = self.dtype_choice
+            head = f"# {c.line()}\n" if c.requested != c.resolved else ""  # the request; `dtype` below is what ran
+            utils.atomic_write_text(run_dir / "resolved_config.yaml", head + to_yaml(self.cfg))
         t = utils.Timer()
         show_eta = self.dist.is_main and progress.is_terminal()  # piped: one line per stage, nothing more
         for k, name in enumerate(targets, 1):
@@ -268,7 +295,8 @@ class Harness:
         if not self.dist.is_main:
             return self.results
         utils.atomic_write_json(run_dir / "stages.json", {"suite": self.cfg.name, "config": to_dict(self.cfg),
-                                                           "provenance": provenance(self.device, self.cfg.dtype),
+                                                           "provenance": provenance(self.device, self.cfg.dtype,
+                                                                                    self.dtype_choice),
                                                            "wall_s": t.elapsed, "stages": index,
                                                            "failed": self.failed})
         return self.results
@@ -304,7 +332,14 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()
 
 
-def provenance(device: str, dtype: str) -> dict[str, Any]:
+_DTYPE_CHOICES: dict[tuple[str, str], Any] = {}
+"""(device, resolved dtype) -> the last ``DtypeChoice`` a harness of this process made, for ``provenance()`` callers
+that pass only the dtype string."""
+
+
+def provenance(device: str, dtype: str, dtype_choice=None) -> dict[str, Any]:
+    """Versions, machine and precision of a run. ``dtype``: the resolved dtype; ``dtype_choice``: the harness's
+    ``DtypeChoice`` (requested dtype, reason, probe numbers), looked up from this process's harnesses if not given."""
     import platform
     import subprocess
 
@@ -319,7 +354,10 @@ def provenance(device: str, dtype: str) -> dict[str, Any]:
     from benchmarks.machine import machine_info
 
     machine = machine_info(device)
+    choice = dtype_choice if dtype_choice is not None else _DTYPE_CHOICES.get((device, dtype))
+    dtype_rec = choice.record() if choice is not None else {
+        "dtype_requested": dtype, "dtype_resolved": dtype, "dtype_reason": "set in the suite", "dtype_probe_gflops": None}
     return {"git_sha": sha, "python": sys.version.split()[0], "torch": torch.__version__,
             "transformers": transformers.__version__, "trl": trl.__version__, "platform": platform.platform(),
             "device": device, "dtype": dtype, "threads": torch.get_num_threads(), "machine_kind": machine["kind"],
-            "machine": machine}
+            "machine": machine, **dtype_rec}

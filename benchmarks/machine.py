@@ -10,9 +10,11 @@ Kinds: ``cpu-avx512-bf16`` (AVX-512 with native bf16), otherwise ``cpu-<torch CP
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import re
 import time
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -51,19 +53,107 @@ def kind_of(info: dict, device: str = "cpu") -> str:
     return "cpu-" + re.sub(r"[^a-z0-9]+", "-", str(cap).lower()).strip("-")
 
 
-def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 256, budget_s: float = 0.15) -> float:
+def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 256, budget_s: float = 0.15, *,
+                  autocast: torch.dtype | None = None) -> float:
     """Square matmul throughput on this process's threads, timed for about ``budget_s`` (a speed probe, not a
-    benchmark: it tells the kinds apart, e.g. ~65 vs ~210 GFLOP/s fp32 on the two 2-core CPU kinds)."""
+    benchmark: it tells the kinds apart, e.g. ~65 vs ~210 GFLOP/s fp32 on the two 2-core CPU kinds).
+    ``autocast``: time fp32 operands under CPU autocast to that dtype (what a training step under ``dtype: bfloat16``
+    runs: the cast of the operands included)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.mm(a, b)  # warm-up
-    reps, t0 = 0, time.perf_counter()
-    while True:
-        torch.mm(a, b)
-        reps += 1
-        dt = time.perf_counter() - t0
-        if dt >= budget_s or reps >= 10_000:
-            break
+    ctx = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
+    with ctx:
+        torch.mm(a, b)  # warm-up
+        reps, t0 = 0, time.perf_counter()
+        while True:
+            torch.mm(a, b)
+            reps += 1
+            dt = time.perf_counter() - t0
+            if dt >= budget_s or reps >= 10_000:
+                break
     return 2 * n**3 * reps / dt / 1e9
+
+
+# --------------------------------------------------------------------------------------------- dtype: auto
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+BF16_MIN_SPEEDUP = 1.2
+"""``dtype: auto`` on a CPU picks bfloat16 only when bf16 autocast matmul is at least this many times faster than
+fp32 (CPU flags alone do not say: without native bf16 kernels a bf16 matmul is ~30x slower than fp32)."""
+
+
+@cache
+def dtype_probe(n: int = 256, budget_s: float = 0.06, trials: int = 3) -> dict:
+    """bf16 autocast matmul vs fp32 matmul throughput (GFLOP/s) at a size like the models' layers, best of
+    ``trials`` interleaved short timings each (the best is the least disturbed by other work on the machine);
+    well under a second. On one thread: the ratio of the two kernels is what decides, and several threads on a
+    busy machine stall at each matmul's barrier (measured here: fp32 75 GFLOP/s on 1 thread, 2 on 2 threads
+    beside another 2-thread job), which would hide fp32's advantage. Cached per process: every harness of a
+    process sees the same numbers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        f32, b16 = [], []
+        for _ in range(trials):
+            f32.append(matmul_gflops(torch.float32, n=n, budget_s=budget_s))
+            b16.append(matmul_gflops(torch.float32, n=n, budget_s=budget_s, autocast=torch.bfloat16))
+    finally:
+        torch.set_num_threads(threads)
+    return {"float32": round(max(f32), 1), "bfloat16": round(max(b16), 1), "n": n, "threads": 1}
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    """The dtype a run uses: what the suite asked for, what it resolved to, why, and the probe behind it."""
+
+    requested: str
+    resolved: str
+    device: str
+    reason: str
+    probe: dict | None = None
+    """``dtype_probe()``'s numbers (CPU ``auto`` only)."""
+
+    def line(self) -> str:
+        return f"dtype {self.requested} -> {self.resolved}: {self.reason}"
+
+    def record(self) -> dict:
+        """The provenance fields of the choice."""
+        return {"dtype_requested": self.requested, "dtype_resolved": self.resolved, "dtype_reason": self.reason,
+                "dtype_probe_gflops": self.probe}
+
+
+def resolve_dtype(requested: str, device: str, *, probe: dict | None = None,
+                  cuda_bf16: bool | None = None) -> DtypeChoice:
+    """The autocast dtype of a run on ``device`` ('cpu', 'cuda', 'mps'). An explicit float32/bfloat16/float16 is
+    kept (float16 needs CUDA: a clear ConfigError elsewhere). 'auto': on CUDA bfloat16 where the device supports
+    it (``cuda_bf16``, default ``torch.cuda.is_bf16_supported()``), else float32; on mps float32; on a CPU
+    bfloat16 only if bf16 autocast matmul is measurably faster than fp32 (``probe``: {'float32': GFLOP/s,
+    'bfloat16': GFLOP/s}, default ``dtype_probe()``, run only here), else float32."""
+    from benchmarks.errors import ConfigError
+
+    if requested not in DTYPES:
+        raise ConfigError(f"config key 'dtype': must be one of {list(DTYPES)}, got {requested!r}")
+    cuda = device.startswith("cuda")
+    if requested == "float16" and not cuda:
+        raise ConfigError(f"config key 'dtype': float16 autocast needs a CUDA device, this run is on {device}; "
+                          "set dtype: auto (bfloat16 where it is faster, else float32), bfloat16 or float32")
+    if requested != "auto":
+        return DtypeChoice(requested, requested, device, "set in the suite")
+    if cuda:
+        if cuda_bf16 is None:
+            cuda_bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        if cuda_bf16:
+            return DtypeChoice(requested, "bfloat16", device, "the CUDA device supports bf16 (autocast, fp32 weights)")
+        return DtypeChoice(requested, "float32", device, "the CUDA device has no bf16 support")
+    if device != "cpu":
+        return DtypeChoice(requested, "float32", device, f"prefbench runs {device} in fp32")
+    probe = dict(probe) if probe is not None else dict(dtype_probe())
+    f32, b16 = float(probe["float32"]), float(probe["bfloat16"])
+    speedup = b16 / f32 if f32 > 0 else float("inf")
+    probe["bf16_speedup"] = round(speedup, 2)
+    nums = f"bf16 autocast matmul {b16:.1f} GFLOP/s vs fp32 {f32:.1f} on this CPU"
+    if speedup >= BF16_MIN_SPEEDUP:
+        return DtypeChoice(requested, "bfloat16", device, f"{nums} ({speedup:.1f}x faster)", probe)
+    why = "bf16 not faster" if speedup <= 1.0 else f"bf16 only {speedup:.2f}x faster, below the {BF16_MIN_SPEEDUP}x needed"
+    return DtypeChoice(requested, "float32", device, f"{nums} ({why})", probe)
 
 
 @cache

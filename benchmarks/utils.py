@@ -148,9 +148,12 @@ def resolve_device(name: str = "auto") -> str:
 
 
 def autocast_ctx(device: str, dtype: str):
-    """bf16/fp16 autocast where the device supports it; fp32 is a no-op context."""
+    """bf16/fp16 autocast where the device supports it; fp32 is a no-op context. ``dtype`` is a resolved dtype
+    (the harness resolves 'auto' when it starts: ``benchmarks.machine.resolve_dtype``)."""
     import torch
 
+    if dtype == "auto":
+        raise RuntimeError("dtype 'auto' must be resolved first (benchmarks.machine.resolve_dtype; Harness does it)")
     if dtype == "float32":
         return contextlib.nullcontext()
     dt = {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
