@@ -47,7 +47,7 @@ report: $(STAMP)
 check: $(STAMP)
 	$(PY) -m benchmarks run --suite smoke
 	$(PY) -m benchmarks.perf.dpo_vs_trl --variants trl,ours --repeats 3 --out results/perf/dpo_vs_trl.json
-	$(PY) -m benchmarks check --run results/runs/smoke --baseline results/baseline --perf results/perf/dpo_vs_trl.json
+	$(PY) -m benchmarks check --run results/runs/smoke --baseline results/baseline --perf results/perf/dpo_vs_trl.json --require-claims dpo_sanity,bon_kl_bound
 
 # Refresh this machine kind's baseline deliberately: writes results/baseline/smoke/<kind>.json (then commit it)
 baseline: $(STAMP)

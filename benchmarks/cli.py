@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default="results/baseline",
                    help="baseline folder (<folder>/<suite>/<machine kind>.json, the run's kind chosen) or one file")
     p.add_argument("--perf", default="results/perf/dpo_vs_trl.json", help="speed benchmark JSON (optional)")
+    p.add_argument("--require-claims", default="", metavar="ID,ID",
+                   help="paper claims (summary.json 'claims', report section 'Paper claims') that must hold")
     p = sub.add_parser("baseline", help="write results/baseline/ from a run (deliberately)")
     p.add_argument("--run", default="results/runs/smoke")
     p.add_argument("--baseline", default="results/baseline",
@@ -73,8 +75,14 @@ def _gate(args) -> int:
     rows, ok, which = regression.check(current, regression.load_baselines(Path(args.baseline), current["suite"]), perf)
     print(which)
     print(regression.format_table(rows))
-    print(f"\nprefbench check: {'PASSED' if ok else 'FAILED: a metric left its band (see REGRESSION rows)'}")
-    return 0 if ok else 1
+    required = [c for c in args.require_claims.split(",") if c.strip()]
+    claims_ok, lines = regression.required_claims(current, required)
+    for line in lines:
+        print(line)
+    why = [w for w, bad in (("a metric left its band (see REGRESSION rows)", not ok),
+                            ("a required claim does not hold", not claims_ok)) if bad]
+    print(f"\nprefbench check: {'PASSED' if not why else 'FAILED: ' + '; '.join(why)}")
+    return 0 if not why else 1
 
 
 def _stage_registry(cfg):

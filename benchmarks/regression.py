@@ -246,6 +246,19 @@ def check(current: dict, baselines: dict[str, dict], perf: dict | None = None,
     return rows, ok, msg
 
 
+def required_claims(current: dict, required: list[str]) -> tuple[bool, list[str]]:
+    """Each required paper claim (``benchmarks/evaluators/claims.py``) must hold in the run; an unknown id is an
+    error naming the known ones. Returns pass/fail and one line per claim."""
+    have = {c["id"]: c for c in current.get("claims") or []}
+    unknown = [c for c in required if c not in have]
+    if unknown:
+        from benchmarks.errors import ConfigError
+
+        raise ConfigError(f"--require-claims: unknown claim(s) {unknown}; this run checked {sorted(have)}")
+    lines = [f"claim {c:<34} {have[c]['status']:<12} {have[c]['sentence']}" for c in required]
+    return all(have[c]["status"] == "holds" for c in required), lines
+
+
 def format_table(rows: list[dict]) -> str:
     def f(x):
         return "-" if x is None else (f"{x:.3f}" if isinstance(x, float) and math.isfinite(x) else str(x))

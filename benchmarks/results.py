@@ -101,6 +101,11 @@ def collect(h, run_dir: Path) -> dict:
     out["comparisons"] = comparisons(summary[summary.temperature == t_main])
     out["verdict"] = build_verdict(samples, summary, suite=h.cfg.name, temperature=t_main,
                                    commit=out["provenance"].get("git_sha"), seed=h.cfg.eval.seed)
+    from benchmarks.evaluators.claims import Tables, count, run_claims
+
+    out["claims"] = run_claims(Tables(summary, samples, curves, {n[4:]: r.summary for n, r in res.items() if n.startswith("arm/")},
+                                      temperature=t_main, dtype=h.cfg.dtype, seed=h.cfg.eval.seed))
+    out["verdict"]["claims"] = count(out["claims"])
     out["verdict"]["text"] = verdict_text(out["verdict"])
     utils.atomic_write_json(run_dir / "summary.json", out)
     return out

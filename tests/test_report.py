@@ -90,6 +90,9 @@ def make_run(root, *, failed: dict | None = None, diagnostics: list | None = Non
 
     summary["verdict"] = build_verdict(pd.DataFrame(samples), pd.DataFrame(rows), suite="tiny", temperature=1.0, n_boot=50)
     summary["verdict"]["text"] = verdict_text(summary["verdict"])
+    summary["claims"] = [{"id": "dpo_sanity", "claim": "DPO's loss at step 0 is ln 2", "source": "Rafailov et al. 2023",
+                          "status": "holds", "statistic": 0.05, "low": 0.01, "high": 0.09, "sentence": "moved <up>",
+                          "arms": ["dpo-sigmoid-b0.1-s0"]}]
     (run / "summary.json").write_text(json.dumps(summary))
     stages = {}
     for arm, method, lt, beta, _ in ARMS[1:]:
@@ -143,6 +146,9 @@ def test_report_is_self_contained_with_every_section(built):
     assert html.index('<section id="verdict">') < html.index('<section id="headline">')  # the report opens with it
     assert "On tiny (1 seed per configuration, 10 held-out prompts, T = 1):" in verdict
     assert "DPO vs PPO" in verdict and "DPO vs Best-of-N" in verdict and "Tuning budget" in verdict
+    claims = html[html.index('<section id="claims">'):html.index('<section id="provenance">')]
+    assert "dpo_sanity" in claims and "<strong>holds</strong>" in claims and "+0.050 [+0.010, +0.090]" in claims
+    assert "moved &lt;up&gt;" in claims  # escaped
     assert all(re.search(r'src="data:image/png;base64,[A-Za-z0-9+/=]{100,}"', i) for i in imgs)
     assert "resolved_config.yaml" in html and "<details" in html and "abc123def" in html
     assert "ties count 1/2" in html and "bootstrap 95 %" in html

@@ -42,8 +42,9 @@ class Method:
     peer_of: str | None = None
     """A reimplementation of another method (e.g. TRL's DPO): hollow markers, dashed lines."""
     kl: str = "sampled"
-    """How its KL to pi_ref is known: 'sampled' (Monte-Carlo over its samples), 'analytic' (e.g. best-of-N's
-    log N - (N-1)/N bound), 'zero' (the reference itself). The regression gate bands sampled KLs only."""
+    """How its KL to pi_ref is known: 'sampled' (Monte-Carlo over its samples), 'estimated' (e.g. best-of-N's,
+    from its candidates' rewards, under the log N - (N-1)/N bound), 'analytic' (a closed form), 'zero' (the
+    reference itself). The regression gate bands sampled KLs only."""
     curves: str | None = None
     """Training-curve layout in the report: 'preference' (margins, accuracy, loss vs examples seen), 'rl'
     (reward, KL, gold vs episodes) or None (no curves)."""
@@ -51,8 +52,8 @@ class Method:
     def __post_init__(self) -> None:
         if self.kind not in FAMILY_KINDS:
             raise ValueError(f"method {self.name!r}: kind must be one of {FAMILY_KINDS}, got {self.kind!r}")
-        if self.kl not in ("sampled", "analytic", "zero"):
-            raise ValueError(f"method {self.name!r}: kl must be sampled / analytic / zero, got {self.kl!r}")
+        if self.kl not in ("sampled", "estimated", "analytic", "zero"):
+            raise ValueError(f"method {self.name!r}: kl must be sampled / estimated / analytic / zero, got {self.kl!r}")
 
 
 @dataclass

@@ -182,6 +182,9 @@ def verdict_text(v: dict) -> str:
     counts = {f["configs"] for f in fams.values()}
     parts.append(f"Tuning budget, configurations per family: {budget}"
                  + ("." if len(counts) <= 1 else "; the families were NOT given the same number."))
+    if v.get("claims"):
+        k = v["claims"]
+        parts.append(f"Paper claims checked on this run: {k['holds']} hold, {k['fails']} fail, {k['inconclusive']} inconclusive.")
     for m, k in v.get("kl_landing", {}).items():
         lab = fams.get(m, {}).get("label", m)
         parts.append(f"{lab} seeds landing within \u00b1{k['tolerance']:.0%} of their target KL: {k['within']}/{k['total']}.")

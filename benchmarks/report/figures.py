@@ -128,7 +128,7 @@ def config_label(row: Mapping) -> str:
     info = registry.method(method)
     if info.kind == "reference":
         return "SFT"
-    if info.kl == "analytic" and best_of_n_n(row):
+    if info.kl in ("analytic", "estimated") and best_of_n_n(row):
         return f"Best-of-{best_of_n_n(row)}"
     label = method_label(method, row.get("loss_type"))
     tk = _num(row.get("target_kl"))
@@ -297,7 +297,7 @@ def frontier(summary_df: pd.DataFrame, temperature: float = 1.0) -> Figure:
         means = g.groupby(keys, dropna=False)[["kl", "gold"]].mean().sort_values("kl") if keys else g[["kl", "gold"]]
         if len(means) > 1:
             ax.plot(means.kl, means.gold, color=color, ls=ls, lw=0.9, zorder=3)
-        if registry.method(method).kl == "analytic":  # best-of-N: label each point with its N
+        if registry.method(method).kl in ("analytic", "estimated"):  # best-of-N: label each point with its N
             for _, r in g.iterrows():
                 n = best_of_n_n(r)
                 if n:

@@ -28,6 +28,7 @@ TEMPLATES = Path(__file__).parent / "templates"
 
 SECTIONS = [  # (anchor, heading): the template renders these headings, the test checks them
     ("verdict", "Verdict"),
+    ("claims", "Paper claims"),
     ("provenance", "Provenance"),
     ("headline", "Headline results"),
     ("frontier", "Reward\u2013KL frontier"),
@@ -242,6 +243,11 @@ def build_context(run: F.RunData, fig_paths: dict, fig_errors: dict) -> dict:
         "temperatures": ", ".join(f"{x:g}" for x in sorted(pd.unique(run.arms.temperature.dropna()))) if not run.arms.empty else "",
         "headline": headline_rows(run, t),
         "verdict": verdict_context(summary.get("verdict")),
+        "claims": [{"id": c["id"], "claim": c["claim"], "source": c["source"], "status": c["status"],
+                    "stat": (fmt(c.get("statistic"), "+.3f") + (f" [{c['low']:+.3f}, {c['high']:+.3f}]" if _isnum(c.get("low")) and _isnum(c.get("high")) else ""))
+                    if _isnum(c.get("statistic")) else "\u2013",
+                    "sentence": c["sentence"], "arms": ", ".join(c.get("arms") or []) or "\u2013"}
+                   for c in summary.get("claims") or []],
         "by_config": by_config_rows(run),
         "cost": cost_rows(run, t),
         "figs": figs,

@@ -77,6 +77,41 @@ def best_of_n(model, tokenizer, prompts: Sequence[Sequence[int]], n: int, reward
     )
 
 
+def best_of_n_kl_estimate(pool_scores, n: int) -> float:
+    """KL(best-of-n || base) for one prompt, estimated from an i.i.d. pool of base samples' rewards (e.g. the n
+    candidates themselves), counting ties.
+
+    Candidates are grouped by reward value (identical completions score identically; different completions with
+    one score are selected uniformly among themselves, so the group-level KL is the completion-level KL). A value
+    seen once in the pool is treated as part of a continuous distribution, a value seen c >= 2 times as an atom of
+    probability c / pool. Walking up the estimated reward CDF F: an atom of mass p above F0 has best-of-n mass
+    q = (F0 + p)^n - F0^n and contributes q log(q / p); a continuous stretch from F0 to F1 (density ratio
+    n F^(n-1)) contributes G(F1) - G(F0) with G(u) = u^n (log n + (n - 1) log u - (n - 1) / n). With no ties this
+    is exactly the analytic log n - (n - 1) / n; ties (atoms) make it smaller (Beirami et al. 2024).
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"best_of_n_kl_estimate needs an integer n >= 1, got {n!r}")
+    x = torch.as_tensor(pool_scores, dtype=torch.float64).flatten()
+    if x.numel() == 0:
+        raise ValueError("best_of_n_kl_estimate: empty pool")
+    values, counts = torch.unique(x, sorted=True, return_counts=True)
+
+    def G(u: float) -> float:
+        return 0.0 if u <= 0 else u ** n * (math.log(n) + (n - 1) * math.log(u) - (n - 1) / n)
+
+    total, f0, kl = float(x.numel()), 0.0, 0.0
+    for c in counts.tolist():
+        p = c / total
+        f1 = min(1.0, f0 + p)
+        if c == 1:
+            kl += G(f1) - G(f0)
+        else:
+            q = f1 ** n - f0 ** n
+            kl += q * math.log(q / p) if q > 0 else 0.0
+        f0 = f1
+    return kl
+
+
 def best_of_n_kl(n: int) -> float:
     """Analytic KL(best-of-n || base) = log n - (n - 1) / n (nats); 0 for n = 1."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
