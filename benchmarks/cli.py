@@ -58,7 +58,9 @@ def _gate(args) -> int:
     from pathlib import Path
 
     from benchmarks import regression, utils
+    from benchmarks.results import check_same_run
 
+    check_same_run(Path(args.run))
     run = Path(args.run) / "summary.json"
     perf_path = Path(args.perf)
     perf = regression.load(perf_path) if perf_path.exists() else None
@@ -131,6 +133,15 @@ def main(argv: list[str] | None = None) -> int:
         h.run(targets, run_dir=run_dir)
         if not h.dist.is_main:  # under accelerate launch only rank 0 writes the run's tables and prints
             return 0
+        from benchmarks.harness import root_cause
+
+        arms_ok = [n for n in h.results if n.startswith("eval/") and n != "eval/sft"]
+        wanted_arms = [n for n in targets if n.startswith("eval/") and n != "eval/sft"]
+        if "eval/sft" in targets and "eval/sft" not in h.results or (wanted_arms and not arms_ok):
+            what = "the reference's evaluation (eval/sft) failed" if "eval/sft" not in h.results else "no arm succeeded"
+            print(f"prefbench: run FAILED: {what}, so no tables were written (the previous run's are in "
+                  f"{run_dir / 'previous'}). {root_cause(h.failed, stages, targets)}", file=sys.stderr)
+            return 1
         if "eval/sft" in h.results:
             from benchmarks.results import collect, print_table
 

@@ -32,6 +32,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,8 +269,10 @@ class Harness:
 
     def run(self, targets: list[str], run_dir: Path | None = None) -> dict[str, StageResult]:
         run_dir = run_dir or (self.root / self.cfg.runs_dir / self.cfg.name)
+        self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
         if self.dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
+            set_aside_previous_run(run_dir)
             c = self.dtype_choice
             head = f"# {c.line()}\n" if c.requested != c.resolved else ""  # the request; `dtype` below is what ran
             utils.atomic_write_text(run_dir / "resolved_config.yaml", head + to_yaml(self.cfg))
@@ -294,12 +297,61 @@ class Harness:
                  for n, r in self.results.items()}
         if not self.dist.is_main:
             return self.results
-        utils.atomic_write_json(run_dir / "stages.json", {"suite": self.cfg.name, "config": to_dict(self.cfg),
+        utils.atomic_write_json(run_dir / "stages.json", {"suite": self.cfg.name, "run_id": self.run_id,
+                                                           "config": to_dict(self.cfg),
                                                            "provenance": provenance(self.device, self.cfg.dtype,
                                                                                     self.dtype_choice),
                                                            "wall_s": t.elapsed, "stages": index,
                                                            "failed": self.failed})
         return self.results
+
+
+RUN_TABLES = ("summary.json", "summary.csv", "by_config.csv", "samples.parquet", "stages.json", "report.html",
+              "figures", "curves")
+
+
+def set_aside_previous_run(run_dir: Path) -> None:
+    """A run's tables belong to that run: an earlier run's tables, report and figures move to ``run_dir/previous/``
+    (replacing what an even earlier run left there) before a new run writes anything, so a run that fails half way
+    never leaves the previous run's numbers looking like its own."""
+    old = [run_dir / n for n in RUN_TABLES if (run_dir / n).exists()]
+    if not old:
+        return
+    prev = run_dir / "previous"
+    if prev.exists():
+        shutil.rmtree(prev)
+    prev.mkdir()
+    for f in old:
+        os.replace(f, prev / f.name)
+
+
+def root_cause(failed: dict[str, str], stages: dict, targets: list[str]) -> str:
+    """One paragraph for a run that failed: the failures that are not knock-on skips, grouped by their error, and
+    the stages every failing stage reads (where one damaged input usually sits)."""
+    own = {n: e for n, e in failed.items() if not e.startswith("skipped: depends on failed stage")}
+    by_err: dict[str, list[str]] = {}
+    for n, e in own.items():
+        by_err.setdefault(e, []).append(n)
+    lines = []
+    for e, names in sorted(by_err.items(), key=lambda kv: -len(kv[1])):
+        names.sort(key=lambda n: targets.index(n) if n in targets else len(targets))
+        lines.append(f"{len(names)} stage(s) failed with {e!r} ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})")
+
+    def closure(n: str) -> set[str]:
+        out, todo = set(), list(stages[n].deps) if n in stages else []
+        while todo:
+            d = todo.pop()
+            if d not in out:
+                out.add(d)
+                todo.extend(stages[d].deps if d in stages else [])
+        return out
+
+    common = set.intersection(*(closure(n) for n in own)) if own else set()
+    deepest = [d for d in common if not any(d in closure(o) for o in common if o != d)]
+    hint = (f"; every failing stage reads {', '.join(sorted(deepest))}: if that stage's cached files are damaged, "
+            f"delete its folder (prefbench stages --suite <suite> shows where) and run again") if deepest else ""
+    skipped = len(failed) - len(own)
+    return "; ".join(lines) + (f"; {skipped} more skipped because a stage they need failed" if skipped else "") + hint + "."
 
 
 def _mmss(seconds: float) -> str:

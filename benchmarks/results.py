@@ -94,7 +94,7 @@ def collect(h, run_dir: Path) -> dict:
         utils.write_jsonl(run_dir / "curves" / f"{arm.replace('/', '__')}.jsonl", rows)
     t_main = utils.headline_temperature(summary.temperature)
     diags = run_diagnostics(summary[summary.temperature == t_main].to_dict("records"), curves)
-    out = {"suite": h.cfg.name, "provenance": provenance(h.device, h.cfg.dtype), "seeds": h.cfg.seeds,
+    out = {"suite": h.cfg.name, "run_id": getattr(h, "run_id", None), "provenance": provenance(h.device, h.cfg.dtype), "seeds": h.cfg.seeds,
            "noise_floor": NOISE, "methods": describe(summary.method.unique()), "arms": summary.replace({np.nan: None}).to_dict("records"),
            "by_config": by_config.replace({np.nan: None}).to_dict("records"), "failed_arms": failed,
            "diagnostics": diags}
@@ -109,6 +109,25 @@ def collect(h, run_dir: Path) -> dict:
     out["verdict"]["text"] = verdict_text(out["verdict"])
     utils.atomic_write_json(run_dir / "summary.json", out)
     return out
+
+
+class StaleTablesError(RuntimeError):
+    """A run folder whose tables come from another run than its stage index."""
+
+
+def check_same_run(run_dir: Path) -> None:
+    """Refuse a run folder whose summary.json and stages.json were written by different runs (tables of an earlier
+    run beside this run's stage index): the report and the gate must never read old numbers as new."""
+    import json
+
+    paths = [Path(run_dir) / "summary.json", Path(run_dir) / "stages.json"]
+    if not all(p.exists() for p in paths):
+        return
+    ids = [json.loads(p.read_text()).get("run_id") for p in paths]
+    if None not in ids and ids[0] != ids[1]:
+        raise StaleTablesError(f"{run_dir}: summary.json is from run {ids[0]} but stages.json from run {ids[1]}: the "
+                               f"tables are not this run's (it failed before writing them?). Re-run the suite, or "
+                               f"rebuild the tables with `prefbench results --suite <suite>`.")
 
 
 def comparisons(main: pd.DataFrame) -> dict:

@@ -90,3 +90,34 @@ def test_killed_run_resumes_to_the_same_summary(tmp_path):
     metrics = [c for c in ref.columns if c not in TIMING]
     pd.testing.assert_frame_equal(final[metrics], ref[metrics], check_exact=True)
     assert not list((cache / "ckpt").glob("*.pt"))  # finished stages removed their checkpoints
+
+
+def test_a_failed_run_never_shows_the_previous_runs_tables(tmp_path):
+    """A damaged cached SFT stage makes every evaluation fail: the run exits non-zero with one paragraph naming the
+    shared input, writes no tables, and the previous run's tables move to previous/ (never read as this run's)."""
+    from benchmarks.results import StaleTablesError, check_same_run
+
+    cache, runs = tmp_path / "c", tmp_path / "r"
+    _run(cache, runs)
+    run_dir = runs / "smoke"
+    first_id = json.loads((run_dir / "summary.json").read_text())["run_id"]
+    assert first_id == json.loads((run_dir / "stages.json").read_text())["run_id"]
+    (weights,) = list((cache / "sft").glob("*/model/model.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a half-copied file
+    import shutil
+
+    shutil.rmtree(cache / "eval")  # the evaluations must run again and load the damaged weights
+    r = subprocess.run(_cmd(cache, runs), cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+    assert r.returncode == 1, (r.stdout[-2000:], r.stderr[-2000:])
+    assert "run FAILED: the reference's evaluation (eval/sft) failed" in r.stderr
+    assert r.stderr.count("run FAILED") == 1 and "every failing stage reads" in r.stderr and "sft" in r.stderr
+    assert "prefbench: done" not in r.stdout
+    assert not (run_dir / "summary.csv").exists() and not (run_dir / "summary.json").exists()
+    assert json.loads((run_dir / "previous" / "summary.json").read_text())["run_id"] == first_id
+    # a summary from another run beside this run's stage index is refused by the report and the gate
+    (run_dir / "summary.json").write_text((run_dir / "previous" / "summary.json").read_text())
+    with pytest.raises(StaleTablesError, match="not this run's"):
+        check_same_run(run_dir)
+    r = subprocess.run([sys.executable, "-m", "benchmarks", "check", "--run", str(run_dir)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env=ENV)
+    assert r.returncode != 0 and "not this run's" in r.stderr

@@ -657,6 +657,9 @@ def load_run(run_dir: str | Path) -> RunData:
     ``stages.json``, ``resolved_config.yaml`` and ``curves/<arm>.jsonl``. A stage reused from the cache has the peak
     memory measured when it really ran (``first_run`` in ``stages.json``)."""
     run_dir = Path(run_dir)
+    from benchmarks.results import check_same_run
+
+    check_same_run(run_dir)
     summary: dict = {}
     if (run_dir / "summary.json").exists():
         summary = json.loads((run_dir / "summary.json").read_text())
