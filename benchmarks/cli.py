@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stages", help="list stages and cache folders")
     _common(p)
     sub.add_parser("suites", help="list suites")
+    p = sub.add_parser("verify", help="check every finished stage of a cache against its manifest (sizes, SHA-256)")
+    p.add_argument("--cache", default="results/cache", help="cache folder (default results/cache)")
+    p.add_argument("--move-aside", action="store_true", help="rename damaged stage folders so that runs rebuild them")
     p = sub.add_parser("check", help="regression gate: compare a run's summary with results/baseline/")
     p.add_argument("--run", default="results/runs/smoke", help="run folder with summary.json")
     p.add_argument("--baseline", default="results/baseline",
@@ -87,6 +90,43 @@ def _gate(args) -> int:
     return 0 if not why else 1
 
 
+def _verify(args) -> int:
+    """Every finished stage under the cache against the manifest in its stage.json, every file hashed."""
+    import json
+    from pathlib import Path
+
+    from benchmarks import utils
+
+    root = Path(args.cache)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--cache {root}: no such folder")
+    n_ok = n_old = 0
+    damaged = []
+    for meta_path in sorted(root.rglob("stage.json")):
+        folder = meta_path.parent
+        if folder.name.startswith("."):
+            continue  # already moved aside
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as e:
+            damaged.append((folder, [f"stage.json unreadable: {e}"]))
+            continue
+        if "manifest" not in meta:
+            n_old += 1
+            continue
+        problems = utils.verify_manifest(folder, meta["manifest"], full=True)
+        if problems:
+            damaged.append((folder, problems))
+        else:
+            n_ok += 1
+    for folder, problems in damaged:
+        where = f" -> moved to {utils.move_aside(folder, 'damaged')}" if args.move_aside else ""
+        print(f"DAMAGED {folder.relative_to(root)}: {'; '.join(problems)}{where}")
+    print(f"prefbench verify: {n_ok} stage(s) intact, {len(damaged)} damaged, {n_old} without a manifest "
+          f"(finished before manifests existed: not verifiable) under {root}")
+    return 1 if damaged else 0
+
+
 def _stage_registry(cfg):
     from benchmarks.arms import build_stages
 
@@ -99,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "suites":
             print("\n".join(available_suites()))
             return 0
+        if args.cmd == "verify":
+            return _verify(args)
         if args.cmd in ("check", "baseline"):
             return _gate(args)
         if args.cmd == "report":

@@ -104,6 +104,7 @@ class Harness:
         quiet_libraries()
         self.results: dict[str, StageResult] = {}
         self.failed: dict[str, str] = {}
+        self._damaged_manifests: dict[str, dict] = {}  # stages found damaged and moved aside in this process
         self._hashes: dict[str, str] = {}
 
     def _resolve_dtype(self):
@@ -179,7 +180,42 @@ class Harness:
         self.log(res.line())
         return res
 
+    def _damaged(self, name: str, final: Path, meta_path: Path) -> dict | None:
+        """A finished stage whose files do not match the manifest in its stage.json (sizes always, SHA-256 of small
+        files): moved aside (never deleted) so that it runs again. Returns the damaged stage's manifest."""
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as e:
+            problems, meta = [f"stage.json unreadable: {e}"], {}
+        else:
+            problems = utils.verify_manifest(final, meta["manifest"]) if "manifest" in meta else []
+        if not problems:
+            return None
+        dest = utils.move_aside(final, "damaged")
+        self._damaged_manifests[name] = meta.get("manifest") or {}
+        self.log(f"[{name}] cached stage DAMAGED ({'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}): "
+                 f"moved to {dest}, running it again")
+        return meta.get("manifest") or {}
+
+    def _supersede_downstream(self, name: str) -> None:
+        """A rebuilt stage whose content differs from what its downstream stages were built from: move their cached
+        folders aside so they run again (the keys are config hashes, so they would otherwise be reused)."""
+        for n in self.stages:
+            todo, seen = list(self.stages[n].deps), set()
+            while todo:
+                d = todo.pop()
+                if d in seen:
+                    continue
+                seen.add(d)
+                todo.extend(self.stages[d].deps if d in self.stages else [])
+            if name in seen and n not in self.results and (self.stage_dir(n) / "stage.json").exists():
+                dest = utils.move_aside(self.stage_dir(n), "superseded")
+                self.log(f"[{n}] built from the damaged copy of {name}: moved to {dest}, it runs again")
+
     def _run_locked(self, name: str, st: Stage, final: Path, meta_path: Path, t) -> StageResult:
+        if meta_path.exists():
+            self._damaged(name, final, meta_path)
+        damaged = self._damaged_manifests.get(name)
         if meta_path.exists():
             meta = json.loads(meta_path.read_text())
             res = StageResult(name, self.stage_hash(name), final, True, t.elapsed, None, meta["summary"],
@@ -196,10 +232,14 @@ class Harness:
                 summary = st.run(self, tmp)
                 wall = t.elapsed
                 peak = utils.peak_rss_mb()
+                # the manifest (sizes, SHA-256) goes into stage.json, the completion marker written last
                 meta = {"stage": name, "key": self.stage_key(name), "summary": summary, "wall_s": wall,
                         "peak_rss_mb": peak, "cuda_peak_mb": utils.cuda_peak_mb(), "device": self.device,
-                        "dtype": self.cfg.dtype, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                        "dtype": self.cfg.dtype, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                        "manifest": utils.manifest(tmp)}
                 utils.atomic_write_json(tmp / "stage.json", meta)
+            if damaged is not None and _artefacts(damaged) != _artefacts(meta["manifest"]):
+                self._supersede_downstream(name)
             res = StageResult(name, self.stage_hash(name), final, False, wall, peak, summary)
             self.checkpoint_path(name).unlink(missing_ok=True)
         return res
@@ -213,7 +253,8 @@ class Harness:
         err: BaseException | None = None
         res = None
         try:
-            cached = dist.broadcast_object(meta_path.exists() if dist.is_main else None)
+            cached = dist.broadcast_object((meta_path.exists() and self._damaged(name, final, meta_path) is None)
+                                           if dist.is_main else None)
             if cached:
                 pass
             elif dist.is_main:
@@ -304,6 +345,11 @@ class Harness:
                                                            "wall_s": t.elapsed, "stages": index,
                                                            "failed": self.failed})
         return self.results
+
+
+def _artefacts(manifest: dict[str, dict]) -> dict[str, str]:
+    """A stage's content for comparing two builds: its files' hashes, logs and metadata (json, jsonl: timings) left out."""
+    return {k: v["sha256"] for k, v in manifest.items() if not k.endswith((".json", ".jsonl"))}
 
 
 RUN_TABLES = ("summary.json", "summary.csv", "by_config.csv", "samples.parquet", "stages.json", "report.html",

@@ -200,3 +200,50 @@ class Timer:
     @property
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
+
+
+# ------------------------------------------------------------------------------------------ verified cache
+MANIFEST_HASH_LIMIT = 1 << 20
+"""Files up to this size are re-hashed every time a cached stage is loaded; larger ones have their size checked
+(their SHA-256 on ``prefbench verify``)."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def manifest(folder: str | Path, skip: tuple[str, ...] = ("stage.json",)) -> dict[str, dict]:
+    """{relative path: {"size", "sha256"}} of every file under ``folder`` (the stage's completion marker left out)."""
+    folder = Path(folder)
+    return {str(f.relative_to(folder)): {"size": f.stat().st_size, "sha256": sha256_file(f)}
+            for f in sorted(folder.rglob("*")) if f.is_file() and f.name not in skip}
+
+
+def verify_manifest(folder: str | Path, recorded: dict[str, dict], *, full: bool = False) -> list[str]:
+    """What is wrong with ``folder`` against its manifest: missing files and size mismatches always, content
+    (SHA-256) of files up to MANIFEST_HASH_LIMIT, or of every file with ``full``. Empty list: intact."""
+    folder = Path(folder)
+    problems = []
+    for rel, rec in recorded.items():
+        f = folder / rel
+        if not f.is_file():
+            problems.append(f"{rel}: missing")
+        elif f.stat().st_size != rec["size"]:
+            problems.append(f"{rel}: {f.stat().st_size} bytes, expected {rec['size']}")
+        elif (full or rec["size"] <= MANIFEST_HASH_LIMIT) and sha256_file(f) != rec["sha256"]:
+            problems.append(f"{rel}: content differs from its SHA-256")
+    return problems
+
+
+def move_aside(folder: str | Path, why: str) -> Path:
+    """Rename a damaged folder to ``.<name>.<why>-<time>`` beside it (kept for inspection, never deleted)."""
+    folder = Path(folder)
+    dest = folder.with_name(f".{folder.name}.{why}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+    os.replace(folder, dest)
+    return dest

@@ -1,0 +1,80 @@
+"""A verified cache: every finished stage carries a manifest (sizes, SHA-256) in its stage.json; a damaged stage is
+moved aside (never deleted) and runs again, and its downstream stages run again only if the rebuilt content differs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks import utils
+from benchmarks.config import load_suite
+from benchmarks.harness import Harness, Stage
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _stages(calls, content):
+    def make(name, big=False):
+        def run(h, out):
+            calls.append(name)
+            (out / "w.bin").write_bytes(content[name] * (2 << 20 if big else 1))  # a large file: size-checked on load
+            (out / "small.txt").write_text(f"{name}:{content[name]!r}")
+            (out / "curve.jsonl").write_text(json.dumps({"wall_s": len(calls)}) + "\n")  # a log: timings differ
+            return {}
+        return run
+    return {"a": Stage("a", (), lambda c: {"seed": c.seed}, make("a", big=True)),
+            "b": Stage("b", ("a",), lambda c: {}, make("b"))}
+
+
+def _run(tmp_path, calls, content, logs=None):
+    h = Harness(load_suite("smoke"), _stages(calls, content), root=tmp_path, log=(logs.append if logs is not None else lambda *_: None))
+    return h.run(["b"])
+
+
+def test_stage_json_carries_a_manifest_of_every_file(tmp_path):
+    res = _run(tmp_path, [], {"a": b"A", "b": b"B"})
+    meta = json.loads((res["a"].path / "stage.json").read_text())
+    assert set(meta["manifest"]) == {"w.bin", "small.txt", "curve.jsonl"}
+    assert meta["manifest"]["w.bin"]["size"] == 2 << 20
+    assert meta["manifest"]["small.txt"]["sha256"] == utils.sha256_file(res["a"].path / "small.txt")
+
+
+def test_a_damaged_stage_is_moved_aside_and_rebuilt_and_downstream_kept_when_the_rebuild_is_identical(tmp_path):
+    content = {"a": b"A", "b": b"B"}
+    res = _run(tmp_path, [], content)
+    a_dir = res["a"].path
+    (a_dir / "small.txt").write_text("a:b'X'")  # same size, other bytes: caught by the hash of a small file
+    calls, logs = [], []
+    res2 = _run(tmp_path, calls, content, logs)
+    assert calls == ["a"]  # a rebuilt to the same content: b (built from identical bytes) is reused
+    assert res2["b"].cached and (a_dir / "small.txt").read_text() == "a:b'A'"
+    aside = [p for p in a_dir.parent.iterdir() if p.name.startswith(f".{a_dir.name}.damaged-")]
+    assert len(aside) == 1 and (aside[0] / "small.txt").read_text() == "a:b'X'"  # kept, not deleted
+    assert any("DAMAGED" in line and "small.txt: content differs" in line for line in logs)
+
+
+def test_a_truncated_large_file_is_caught_by_size_and_a_different_rebuild_reruns_downstream(tmp_path):
+    res = _run(tmp_path, [], {"a": b"A", "b": b"B"})
+    w = res["a"].path / "w.bin"
+    w.write_bytes(w.read_bytes()[:1000])  # a half-copied weights file
+    calls, logs = [], []
+    _run(tmp_path, calls, {"a": b"Z", "b": b"B"}, logs)  # the rebuild is not bit-identical this time
+    assert calls == ["a", "b"], logs  # b was built from the old a: superseded and run again
+    assert any("w.bin: 1000 bytes, expected" in line for line in logs)
+    assert any("[b] built from the damaged copy of a" in line for line in logs)
+
+
+def test_verify_command_hashes_every_file(tmp_path):
+    res = _run(tmp_path, [], {"a": b"A", "b": b"B"})
+    cache = res["a"].path.parents[1]
+    cmd = [sys.executable, "-m", "benchmarks", "verify", "--cache", str(cache)]
+    ok = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "2 stage(s) intact, 0 damaged" in ok.stdout
+    w = res["a"].path / "w.bin"
+    w.write_bytes(b"Q" * w.stat().st_size)  # same size, other content: only a full hash sees it
+    assert Harness(load_suite("smoke"), _stages([], {"a": b"A", "b": b"B"}), root=tmp_path,
+                   log=lambda *_: None).run(["b"])["a"].cached  # a load checks large files by size only
+    bad = subprocess.run(cmd + ["--move-aside"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "DAMAGED a/" in bad.stdout and "w.bin: content differs" in bad.stdout
+    assert not res["a"].path.exists() and any(p.name.startswith(f".{res['a'].path.name}.damaged-")
+                                              for p in res["a"].path.parent.iterdir())
