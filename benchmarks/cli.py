@@ -10,9 +10,11 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import traceback
 
+from benchmarks import interrupts
 from benchmarks.config import ConfigError, available_suites, load_suite, to_yaml
 
 
@@ -172,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             procs = f", {h.dist.world_size} processes" if h.dist.distributed else ""
             print(f"prefbench: suite '{cfg.name}' on {h.device} ({cfg.dtype}), seed {cfg.seed}{procs}")
         run_dir = h.root / cfg.runs_dir / cfg.name
+        interrupts.install()  # SIGINT/SIGTERM: trainers checkpoint and stop, the run exits 130/143 saying how to resume
         h.run(targets, run_dir=run_dir)
         if not h.dist.is_main:  # under accelerate launch only rank 0 writes the run's tables and prints
             return 0
@@ -197,9 +200,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\nFAILED arms (the suite went on without them): {sorted(summary['failed_arms'])}")
         print(f"prefbench: done. Run folder: {run_dir} (resolved_config.yaml, stages.json, summary.csv, samples.parquet)")
         return 0
-    except KeyboardInterrupt:
-        print("prefbench: interrupted; finished stages are cached, re-run the same command to resume", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, interrupts.Interrupted) as e:
+        signum = getattr(e, "signum", None) or interrupts.signum() or signal.SIGINT
+        what = f" ({e})" if isinstance(e, interrupts.Interrupted) else ""
+        print(f"prefbench: interrupted by {signal.Signals(signum).name}{what}. Finished stages are cached and a trainer "
+              f"stopped mid-way resumes from its checkpoint: run the same command to resume.", file=sys.stderr)
+        return 128 + int(signum)
     except Exception as e:  # one clear paragraph; traceback only with --debug
         if args.debug:
             traceback.print_exc()

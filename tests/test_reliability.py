@@ -121,3 +121,32 @@ def test_a_failed_run_never_shows_the_previous_runs_tables(tmp_path):
     r = subprocess.run([sys.executable, "-m", "benchmarks", "check", "--run", str(run_dir)], cwd=ROOT,
                        capture_output=True, text=True, timeout=120, env=ENV)
     assert r.returncode != 0 and "not this run's" in r.stderr
+
+
+def test_sigterm_checkpoints_and_says_how_to_resume(tmp_path):
+    """SIGTERM mid-DPO and mid-PPO (once the training loop has written a checkpoint): the trainer finishes its step,
+    writes its checkpoint, the run exits 143 with the resume line; the re-run says it resumes and ends with the
+    uninterrupted summary."""
+    import signal
+    import time
+
+    cache, runs = tmp_path / "k", tmp_path / "rk"
+    extra = ("checkpoint_every_steps=1", "checkpoint_every_iterations=1", "dpo.epochs=3", "rlhf.ppo.iterations=6")
+    ref = _run(tmp_path / "ref", tmp_path / "rref", *extra)
+    for stage in ("dpo-sigmoid", "ppo-kl"):
+        p = subprocess.Popen(_cmd(cache, runs, *extra), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+        t0 = time.time()
+        while p.poll() is None and not list((cache / "ckpt").glob(f"arm__{stage}*.pt")) and time.time() - t0 < 300:
+            time.sleep(0.01)  # the training loop is running
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 143, (out[-1500:], err[-1500:])
+        assert "interrupted by SIGTERM" in err and "run the same command to resume" in err
+        assert "checkpoint is written" in err and list((cache / "ckpt").glob(f"arm__{stage}*.pt")), err[-1500:]
+    r = subprocess.run(_cmd(cache, runs, *extra), cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming from iteration" in r.stdout + r.stderr
+    final = pd.read_csv(runs / "smoke" / "summary.csv")
+    metrics = [c for c in ref.columns if c not in TIMING]
+    pd.testing.assert_frame_equal(final[metrics], ref[metrics], check_exact=True)

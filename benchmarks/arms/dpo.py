@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks import progress, utils
+from benchmarks import interrupts, progress, utils
 from benchmarks.arms.common import compute_record, heldout_fraction, stage_flops, train_and_heldout_pairs
 from benchmarks.arms.registry import ArmFamily, ArmPlan, Method, fmt, register
 from benchmarks.harness import Harness, Stage
@@ -55,10 +55,15 @@ def _make_dpo_stage(loss_type: str, beta: float, seed: int) -> Stage:
         nan = {"eval/rewards/accuracies": float("nan"), "eval/rewards/margins": float("nan")}
         before = tr.evaluate(held, ref_held) if held else nan
         t = utils.Timer()
-        with progress.bar(tr.total_steps, f"arm/{arm}") as b:
-            hist = tr.train(checkpoint_path=h.checkpoint_path(f"arm/{arm}"), checkpoint_every=h.cfg.checkpoint_every_steps,
+        ckpt = h.checkpoint_path(f"arm/{arm}")
+        if ckpt.exists() and tr.load_checkpoint(ckpt):  # (train() loads it too; this is to say so)
+            h.log(f"[arm/{arm}] resuming from step {tr.step} of {tr.total_steps} ({ckpt})")
+        with progress.bar(tr.total_steps, f"arm/{arm}") as b, interrupts.graceful():
+            hist = tr.train(checkpoint_path=ckpt, checkpoint_every=h.cfg.checkpoint_every_steps, stop=interrupts.requested,
                             on_log=lambda r: b.to(r["step"], loss=r["loss"], margin=r.get("rewards/margins"),
                                                   **{"tok/s": r.get("tokens_per_s")}))
+        if interrupts.requested() and tr.step < tr.total_steps:
+            interrupts.stop_with_checkpoint(tr, ckpt, f"arm/{arm}", tr.step, tr.total_steps, "step")
         train_s = t.elapsed
         after = tr.evaluate(held, ref_held) if held else nan
         if h.cfg.lora is not None:  # adapters merged: a plain model folder like every other arm's

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import progress, utils
+from benchmarks import interrupts, progress, utils
 from benchmarks.arms.common import compute_record, stage_flops
 from benchmarks.arms.registry import ArmFamily, ArmPlan, Method, fmt, register
 from benchmarks.arms.reward_model import RM_STAGE, rm_stage
@@ -91,8 +91,14 @@ def _make_ppo_stage(kind: str, kl_coef: float | None, target_kl: float | None, s
                     b.to(rec["iteration"], kl=rec["objective/kl"], score=rec["objective/scores"], gold=gold_log[-1],
                          **{"tok/s": rec["tokens/sequence"] / max(rec["time/iteration"], 1e-9)})
 
-                hist = tr.train(on_log=on_log, checkpoint_path=h.checkpoint_path(f"arm/{arm}"),
-                                checkpoint_every=h.cfg.checkpoint_every_iterations)
+                ckpt = h.checkpoint_path(f"arm/{arm}")
+                if ckpt.exists() and tr.load_checkpoint(ckpt):  # (train() loads it too; this is to say so)
+                    h.log(f"[arm/{arm}] resuming from iteration {tr.iteration} of {cfg.iterations} ({ckpt})")
+                with interrupts.graceful():
+                    hist = tr.train(on_log=on_log, checkpoint_path=ckpt, checkpoint_every=h.cfg.checkpoint_every_iterations,
+                                    stop=interrupts.requested)
+                if interrupts.requested() and tr.iteration < cfg.iterations:
+                    interrupts.stop_with_checkpoint(tr, ckpt, f"arm/{arm}", tr.iteration, cfg.iterations, "iteration")
         except KLBlowupError as e:
             hist, status = tr.history, f"stopped: {e}"
         train_s = t.elapsed
