@@ -16,6 +16,7 @@ import traceback
 
 from benchmarks import interrupts
 from benchmarks.config import ConfigError, available_suites, load_suite, to_yaml
+from benchmarks.errors import DiskFullError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -200,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\nFAILED arms (the suite went on without them): {sorted(summary['failed_arms'])}")
         print(f"prefbench: done. Run folder: {run_dir} (resolved_config.yaml, stages.json, summary.csv, samples.parquet)")
         return 0
+    except DiskFullError as e:
+        print(f"prefbench: run FAILED: {e.strerror}", file=sys.stderr)
+        return 1
     except (KeyboardInterrupt, interrupts.Interrupted) as e:
         signum = getattr(e, "signum", None) or interrupts.signum() or signal.SIGINT
         what = f" ({e})" if isinstance(e, interrupts.Interrupted) else ""

@@ -8,3 +8,7 @@ class ConfigError(ValueError):
 def check(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"config key '{key}': {msg}")
+
+
+class DiskFullError(OSError):
+    """A stage could not be written: no space left on the device of its folder (the message names stage and folder)."""

@@ -26,6 +26,7 @@ logs. A failure raised on one rank *inside* a trainer's collectives cannot be re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -42,6 +43,7 @@ import torch
 
 from benchmarks import progress, utils
 from benchmarks.config import SuiteConfig, to_dict, to_yaml
+from benchmarks.errors import DiskFullError
 from methods.distributed import Dist
 
 
@@ -228,7 +230,7 @@ class Harness:
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             utils.seed_everything(self.cfg.seed)
-            with utils.atomic_dir(final) as tmp:
+            with utils.atomic_dir(final) as tmp, _disk_full_names(name, final, tmp):
                 summary = st.run(self, tmp)
                 wall = t.elapsed
                 peak = utils.peak_rss_mb()
@@ -327,8 +329,8 @@ class Harness:
                 continue
             try:  # an arm that fails is recorded and the suite goes on with the others
                 self.run_stage(name)
-            except (KeyboardInterrupt, SystemExit):
-                raise
+            except (KeyboardInterrupt, SystemExit, DiskFullError):
+                raise  # a full disk fails every later stage too: stop with the one paragraph that says so
             except Exception as e:  # noqa: BLE001 - recorded, reported in the summary
                 if name not in self.failed:
                     self.failed[name] = f"{type(e).__name__}: {e}"
@@ -345,6 +347,26 @@ class Harness:
                                                            "wall_s": t.elapsed, "stages": index,
                                                            "failed": self.failed})
         return self.results
+
+
+@contextlib.contextmanager
+def _disk_full_names(name: str, final: Path, tmp: Path):
+    """Turn ENOSPC inside a stage into one paragraph: which stage, which folder, how much it had written (the temp
+    folder is then removed by ``atomic_dir``: no partial stage is left, earlier stages are untouched)."""
+    import errno
+
+    try:
+        yield
+    except OSError as e:
+        if e.errno != errno.ENOSPC or isinstance(e, DiskFullError):
+            raise
+        written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.exists() else 0
+        free = shutil.disk_usage(final.parent).free if final.parent.exists() else 0
+        raise DiskFullError(errno.ENOSPC, (
+            f"no space left on the device while writing stage {name} into {final.parent} (it had written "
+            f"{written / 2**20:,.1f} MiB and needed more; {free / 2**20:,.1f} MiB free now). Its partial folder was "
+            f"removed and every finished stage is intact: free space (or set cache_dir to a larger disk) and run the "
+            f"same command to continue")) from e
 
 
 def _artefacts(manifest: dict[str, dict]) -> dict[str, str]:

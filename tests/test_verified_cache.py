@@ -78,3 +78,40 @@ def test_verify_command_hashes_every_file(tmp_path):
     assert bad.returncode == 1 and "DAMAGED a/" in bad.stdout and "w.bin: content differs" in bad.stdout
     assert not res["a"].path.exists() and any(p.name.startswith(f".{res['a'].path.name}.damaged-")
                                               for p in res["a"].path.parent.iterdir())
+
+
+def test_a_full_disk_names_the_stage_leaves_no_partial_folder_and_the_rerun_completes(tmp_path):
+    import errno
+
+    import pytest
+
+    from benchmarks.errors import DiskFullError
+
+    full = {"on": True}
+
+    def stages(calls):
+        st = _stages(calls, {"a": b"A", "b": b"B"})
+
+        def b_run(h, out):
+            calls.append("b")
+            (out / "part.bin").write_bytes(b"x" * 3_000_000)
+            if full["on"]:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            (out / "done.txt").write_text("ok")
+            return {}
+        # a third stage after b: a full disk must stop the suite, not let it try every later arm
+        return {**st, "b": Stage("b", ("a",), lambda c: {}, b_run), "c": Stage("arm/c", ("b",), lambda c: {}, lambda h, o: {})}
+
+    calls = []
+    h = Harness(load_suite("smoke"), stages(calls), root=tmp_path, log=lambda *_: None)
+    with pytest.raises(DiskFullError) as e:
+        h.run(["a", "b", "c"])
+    msg = str(e.value)
+    assert "stage b" in msg and str(tmp_path) in msg and "2.9 MiB" in msg and "run the same command" in msg
+    b_root = next(iter(h.results.values())).path.parents[1] / "b"
+    assert [p.name for p in b_root.iterdir() if not p.name.endswith(".lock")] == []  # no partial folder, no temp
+    assert h.results["a"].path.exists() and (h.results["a"].path / "stage.json").exists()  # earlier stage intact
+    full["on"] = False
+    calls = []
+    res = Harness(load_suite("smoke"), stages(calls), root=tmp_path, log=lambda *_: None).run(["a", "b"])
+    assert calls == ["b"] and (res["b"].path / "done.txt").read_text() == "ok"
