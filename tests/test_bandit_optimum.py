@@ -25,6 +25,7 @@ vector) using the project's functions and add it to ``TRAINERS``; ``test_reaches
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,10 +34,12 @@ import pytest
 import torch
 
 from methods.dpo.losses import preference_loss
+from methods.rlhf.group import grpo_advantages, grpo_loss, kl_penalised_rewards, rloo_advantages, rloo_loss
 from methods.rlhf.ppo_core import (
     KL_KINDS,
     compute_gae,
     compute_rewards,
+    kl_estimate,
     masked_whiten,
     policy_loss,
     value_loss,
@@ -236,11 +239,168 @@ def train_ppo(
     return torch.softmax(theta.detach(), dim=0)
 
 
+# ------------------------------------------------------------------------------------------ RLOO and GRPO
+# Both sample ``k`` completions per prompt (here: per "prompt" = one group of the single bandit prompt) and use the
+# group as the baseline, wired as ``methods.rlhf.group_trainer.GroupRLTrainer._iteration`` wires the pure functions
+# of ``methods.rlhf.group`` (sequences of length 1: tensors [B, 1], all-ones mask; one epoch of shuffled
+# minibatches; grad-norm clip 1.0; Adam with the learning rate annealed linearly, as ``train_ppo``).
+#
+# What each one targets (checked exactly by ``test_group_expected_gradients`` below):
+# * RLOO puts the k1 KL penalty in the reward, R(y) = r(y) - beta log(pi(y) / pi_ref(y)) (detached), and its
+#   leave-one-out baseline is independent of the sample it is subtracted from, so its expected gradient is
+#   E_pi[R grad log pi] = grad(E_pi[r] - beta KL(pi || pi_ref)) exactly (E_pi[grad log pi] = 0 removes the "+1"):
+#   RLOO targets pi*. At pi*, R is constant (= beta log Z), every advantage is 0 and the gradient noise vanishes,
+#   so sampled RLOO settles as tightly as PPO (TV 0.00003-0.0003 over seeds 0-3).
+# * GRPO does NOT target pi*, for two separate reasons:
+#   1. its KL term beta * k3 is in the *loss*, differentiated through log pi only (no score-function term). With
+#      k3(y) = pi_ref(y) / pi(y) - log(pi_ref(y) / pi(y)) - 1, d k3 / d log pi(y) = 1 - pi_ref(y) / pi(y), so
+#      E_{y~pi}[grad k3] = sum_y (pi(y) - pi_ref(y)) grad log pi(y) = grad KL(pi_ref || pi) (on softmax logits:
+#      pi - pi_ref): the gradient of the *forward* KL, not of KL(pi || pi_ref) that defines pi*;
+#   2. its advantages are (r - group mean) / (group std + eps): the mean includes the sample itself (a factor
+#      (k - 1) / k in expectation) and the std rescales every group differently (a pi-dependent reward scale).
+#   Without the std (``scale=False``, Dr. GRPO) the fixed point is the closed-form maximiser of
+#   (k - 1) / k * E_pi[r] - beta KL(pi_ref || pi): pi(y) = beta pi_ref(y) / (mu - (k - 1) / k * r(y)), mu > (k-1)/k
+#   max r normalising it (TV 0.18 from pi* here). With the std (TRL's default, the arm's) there is no closed form:
+#   the fixed point of the exact expected gradient is found by enumerating all K^k groups (TV 0.46 from pi*).
+#   Sampled GRPO lands on that point; its advantages there are not 0, so the gradient noise does not vanish and the
+#   tolerance is wider (observed TV 0.002-0.007 over seeds 0-5 with the settings of ``train_grpo``).
+GRPO_TV_TOL = 0.02
+
+
+def train_group(
+    b: Bandit,
+    algorithm: str,
+    *,
+    beta: float | None = None,
+    k: int = 4,
+    prompts_per_iteration: int = 16,
+    minibatch_size: int = 16,
+    iterations: int = 150,
+    lr: float = 0.05,
+    scale: bool = True,
+    clip_eps: float = 0.2,
+    seed: int = 0,
+) -> torch.Tensor:
+    """RLOO (``algorithm='rloo'``: ``kl_penalised_rewards`` + ``rloo_advantages`` + unclipped ``rloo_loss``) or GRPO
+    (``'grpo'``: ``grpo_advantages`` + ``grpo_loss`` with its k3 term and ``clip_eps``) from pi_ref; ``beta``
+    defaults to the bandit's."""
+    beta = b.beta if beta is None else beta
+    gen = torch.Generator().manual_seed(seed)
+    theta = b.ref_logp.clone().requires_grad_(True)
+    opt = torch.optim.Adam([theta], lr=lr)
+    P, B = prompts_per_iteration, prompts_per_iteration * k
+    mask = torch.ones(B, 1, dtype=torch.bool)
+    for it in range(1, iterations + 1):
+        for group in opt.param_groups:
+            group["lr"] = (1.0 - (it - 1) / iterations) * lr
+        with torch.no_grad():  # rollouts: P groups of k samples, rows p * k + j
+            logp_all = torch.log_softmax(theta, dim=0)
+            y = torch.multinomial(logp_all.exp(), B, replacement=True, generator=gen)  # [B]
+            old_lp, ref_lp = logp_all[y][:, None], b.ref_logp[y][:, None]  # [B, 1]
+            if algorithm == "rloo":
+                rewards, _ = kl_penalised_rewards(b.reward[y], old_lp, ref_lp, mask, beta)
+                advantages = rloo_advantages(rewards.view(P, k)).flatten()
+            else:
+                advantages = grpo_advantages(b.reward[y].view(P, k), scale=scale).flatten()
+        perm = torch.randperm(B, generator=gen)
+        for m0 in range(0, B, minibatch_size):
+            mb = perm[m0 : m0 + minibatch_size]
+            lp = torch.log_softmax(theta, dim=0)[y[mb]][:, None]  # [M, 1], with grad
+            if algorithm == "rloo":
+                loss, _ = rloo_loss(lp, old_lp[mb], advantages[mb], mask[mb])
+            else:
+                loss, _ = grpo_loss(lp, old_lp[mb], ref_lp[mb], advantages[mb], mask[mb], clip_eps=clip_eps, beta=beta)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([theta], 1.0)
+            opt.step()
+    return torch.softmax(theta.detach(), dim=0)
+
+
+def train_rloo(b: Bandit) -> torch.Tensor:
+    return train_group(b, "rloo")
+
+
+def train_grpo(b: Bandit) -> torch.Tensor:
+    # 32 groups per iteration at lr 0.02: GRPO's gradient noise does not vanish at its fixed point (see above)
+    return train_group(b, "grpo", prompts_per_iteration=32, minibatch_size=32, lr=0.02)
+
+
+def _all_groups(b: Bandit, k: int) -> torch.Tensor:
+    """Every ordered group of k arms, [K^k, k] (1296 groups for K = 6, k = 4)."""
+    return torch.tensor(list(itertools.product(range(b.k), repeat=k)))
+
+
+def _expected_group_grad(b: Bandit, theta: torch.Tensor, algorithm: str, *, k: int = 4, scale: bool = True) -> torch.Tensor:
+    """Exact on-policy expectation, over all K^k groups drawn from pi_theta, of the gradient ``train_group``'s
+    loss takes (ratio 1, no clipping): rows of every group once, each group's advantages weighted by its
+    probability (times the number of groups, so that the losses' uniform mean becomes the expectation); GRPO's
+    k3 term is the per-sample ``grpo_loss`` gradient of each arm weighted by pi (its expectation under pi)."""
+    theta = theta.clone().requires_grad_(True)
+    logp = torch.log_softmax(theta, dim=0)
+    pi = logp.detach().exp()
+    g = _all_groups(b, k)  # [N, k]
+    n = g.shape[0]
+    w = pi[g].prod(1, keepdim=True) * n  # [N, 1]
+    mask = torch.ones(n * k, 1, dtype=torch.bool)
+    lp = logp[g].reshape(-1, 1)  # [N k, 1]
+    if algorithm == "rloo":
+        rewards, _ = kl_penalised_rewards(b.reward[g].flatten(), lp.detach(), b.ref_logp[g].reshape(-1, 1), mask, b.beta)
+        adv = (rloo_advantages(rewards.view(n, k)) * w).flatten()
+        loss, _ = rloo_loss(lp, lp.detach(), adv, mask)
+    else:
+        adv = (grpo_advantages(b.reward[g], scale=scale) * w).flatten()
+        loss, _ = grpo_loss(lp, lp.detach(), b.ref_logp[g].reshape(-1, 1), adv, mask, clip_eps=0.2, beta=0.0)
+        for y in range(b.k):  # + E_{y~pi}[grad of the k3 term of one sample y]
+            one = logp[y].reshape(1, 1)
+            kl_y, _ = grpo_loss(one, one.detach(), b.ref_logp[y].reshape(1, 1), torch.zeros(1, dtype=D),
+                                torch.ones(1, 1, dtype=torch.bool), clip_eps=0.2, beta=b.beta)
+            loss = loss + pi[y] * kl_y
+    (grad,) = torch.autograd.grad(loss, theta)
+    return grad
+
+
+def grpo_fixed_point(b: Bandit, *, k: int = 4, scale: bool = True, steps: int = 800, lr: float = 0.1) -> torch.Tensor:
+    """pi where GRPO's exact expected gradient vanishes: deterministic Adam on it (annealed lr), from pi_ref. The
+    policy part is computed in closed form over the K^k groups (the advantages of a group do not depend on theta:
+    G(y) = E_groups[(1/k) sum_i A_i [y_i = y]], gradient -(G - pi sum G)); ``test_group_expected_gradients`` checks
+    that the point found zeroes ``_expected_group_grad``, which goes through ``grpo_loss`` itself."""
+    g = _all_groups(b, k)
+    per_arm = (grpo_advantages(b.reward[g], scale=scale)[:, :, None]
+               * torch.nn.functional.one_hot(g, b.k).to(D)).sum(1) / k  # [N, K]
+    theta = b.ref_logp.clone().requires_grad_(True)
+    opt = torch.optim.Adam([theta], lr=lr)
+    for s in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = (1.0 - s / steps) * lr
+        logp = torch.log_softmax(theta, dim=0)
+        pi = logp.detach().exp()
+        big_g = (pi[g].prod(1, keepdim=True) * per_arm).sum(0)  # [K]
+        loss = -(big_g * logp).sum() + b.beta * (pi * kl_estimate(logp, b.ref_logp, "k3")).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return torch.softmax(theta.detach(), dim=0)
+
+
+def grpo_unscaled_closed_form(b: Bandit, k: int = 4) -> torch.Tensor:
+    """argmax_pi (k-1)/k E_pi[r] - beta KL(pi_ref || pi) = beta pi_ref / (mu - c r), c = (k-1)/k, mu by bisection."""
+    c, ref = (k - 1) / k, b.ref_logp.exp()
+    lo, hi = c * float(b.reward.max()) + 1e-12, c * float(b.reward.max()) + 1e6
+    for _ in range(200):
+        mu = 0.5 * (lo + hi)
+        lo, hi = (mu, hi) if float((b.beta * ref / (mu - c * b.reward)).sum()) > 1.0 else (lo, mu)
+    pi = b.beta * ref / (0.5 * (lo + hi) - c * b.reward)
+    return pi / pi.sum()
+
+
 # ------------------------------------------------------------------------------------------ registry + tests
 TRAINERS: dict[str, TrainFn] = {
     "dpo_sigmoid_population": train_dpo_population,
     "dpo_sigmoid_sampled_1e6_pairs": train_dpo_sampled,
     "ppo_k1": train_ppo,
+    "rloo_k1_in_reward": train_rloo,
+    # GRPO (k3 in the loss, group-std advantages) provably targets another point: see test_grpo_* below
 }
 
 WRONG_TRAINERS: dict[str, TrainFn] = {
@@ -252,6 +412,8 @@ WRONG_TRAINERS: dict[str, TrainFn] = {
     "ppo_no_kl_penalty": lambda b: train_ppo(b, kl_coef=0.0),
     # maximises E[r] + beta KL: also runs to argmax r, TV ~0.78
     "ppo_kl_sign_flipped": lambda b: train_ppo(b, swap_kl=True),
+    # RLOO without its KL penalty maximises E[r] alone: collapses on argmax r
+    "rloo_no_kl_penalty": lambda b: train_group(b, "rloo", beta=0.0),
 }
 
 
@@ -343,3 +505,41 @@ def test_ppo_expected_gradient_targets_pi_star_only_with_k1(kl_kind):
         assert float(g_star.abs().max()) < 1e-12
     else:
         assert float(g_star.abs().max()) > 1e-2, g_star
+
+
+# ------------------------------------------------------------------------------------------ RLOO / GRPO targets
+def test_group_expected_gradients():
+    """Exact expectations over all 4-sample groups. RLOO's expected gradient is minus the gradient of
+    E_pi[r] - beta KL(pi || pi_ref) at any theta (so pi* is its fixed point); GRPO's k3 term alone has expected
+    gradient beta (pi - pi_ref) = beta grad KL(pi_ref || pi), and GRPO's whole expected gradient vanishes at
+    ``grpo_fixed_point``, not at pi*."""
+    gen = torch.Generator().manual_seed(0)
+    thetas = [BANDIT.ref_logp, *(BANDIT.ref_logp + torch.randn(BANDIT.k, generator=gen, dtype=D) for _ in range(2))]
+    for theta in thetas:
+        th = theta.clone().requires_grad_(True)
+        (true_grad,) = torch.autograd.grad(_regularised_objective(BANDIT, th), th)
+        torch.testing.assert_close(_expected_group_grad(BANDIT, theta, "rloo"), -true_grad, rtol=0, atol=1e-12)
+        no_reward = Bandit(reward=torch.zeros_like(BANDIT.reward), ref_logp=BANDIT.ref_logp, beta=BANDIT.beta)
+        pi = torch.softmax(theta, dim=0)
+        torch.testing.assert_close(_expected_group_grad(no_reward, theta, "grpo"), BANDIT.beta * (pi - BANDIT.ref_logp.exp()),
+                                   rtol=0, atol=1e-12)
+    star = torch.log(BANDIT.pi_star)
+    assert float(_expected_group_grad(BANDIT, star, "rloo").abs().max()) < 1e-12
+    assert float(_expected_group_grad(BANDIT, star, "grpo").abs().max()) > 1e-2
+    fixed = grpo_fixed_point(BANDIT)
+    assert float(_expected_group_grad(BANDIT, torch.log(fixed), "grpo").abs().max()) < 1e-9
+
+
+def test_grpo_without_std_scaling_has_the_closed_form_fixed_point():
+    fixed = grpo_fixed_point(BANDIT, scale=False)
+    assert tv(fixed, grpo_unscaled_closed_form(BANDIT)) < 1e-9
+    assert float(_expected_group_grad(BANDIT, torch.log(fixed), "grpo", scale=False).abs().max()) < 1e-9
+    assert tv(fixed, BANDIT.pi_star) > 0.15  # 0.183: the forward KL and the (k-1)/k factor move it off pi*
+
+
+def test_grpo_lands_on_its_own_fixed_point_not_pi_star():
+    pi = train_grpo(BANDIT)
+    fixed = grpo_fixed_point(BANDIT)
+    assert tv(pi, fixed) < GRPO_TV_TOL, (pi.tolist(), fixed.tolist())
+    assert tv(fixed, BANDIT.pi_star) > FAR and tv(pi, BANDIT.pi_star) > FAR  # 0.46: GRPO does not target pi*
+

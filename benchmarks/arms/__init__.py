@@ -25,6 +25,8 @@ from benchmarks.arms.registry import (
 from benchmarks.harness import Stage
 from benchmarks.stages import STAGES
 
+from benchmarks.arms import group_rl  # noqa: F401 # isort: skip - RLOO, GRPO register after the built-ins
+
 FOUNDATION = ["data", "base", "sft", "prompts", "prefs"]
 
 

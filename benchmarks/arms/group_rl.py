@@ -1,0 +1,215 @@
+"""RLOO and GRPO on the reward model (``methods/rlhf/group_trainer``): two on-policy RL families without a value
+model, each a grid over its KL coefficient beta, trained at every suite seed.
+
+Configured under the suite's ``arms`` mapping (plug-in style, ``config_cls``)::
+
+    arms:
+      rloo: {betas: [0.02, 0.05, 0.1]}
+      grpo: {betas: [0.02, 0.05, 0.1], epochs: 1}
+
+Everything not given comes from ``rlhf.ppo`` so that the families share PPO's budget: ``prompts_per_iteration *
+k == rlhf.ppo.rollout_batch_size`` (episodes = completions) and the same ``iterations``, ``lr``, ``minibatch_size``,
+``max_new_tokens``, ``temperature`` and ``reward_norm``. The same SFT policy / reference, the same reward model
+stage (``arm/rm``) and the same LoRA adapters as PPO; evaluated by the shared evaluation stage. Arm ids:
+``rloo-kl0.05-s0``, ``grpo-kl0.05-s0``; typed hyper-parameter column ``kl_coef`` (= beta).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from benchmarks import interrupts, progress, utils
+from benchmarks.arms.common import compute_record, stage_flops
+from benchmarks.arms.registry import ArmFamily, ArmPlan, Method, fmt, register
+from benchmarks.arms.reward_model import RM_STAGE, rm_stage
+from benchmarks.errors import ConfigError, check
+from benchmarks.harness import Harness, Stage
+from benchmarks.stages import load_model, load_prompts, lora_key
+from benchmarks.tasks import models
+from methods import lora
+from methods.rlhf.group_trainer import GroupRLConfig
+
+
+@dataclass
+class GroupArmConfig:
+    """``arms.rloo`` / ``arms.grpo``: the beta grid, plus trainer fields; null = PPO's value (``rlhf.ppo``)."""
+
+    betas: list[float] = field(default_factory=lambda: [0.05])
+    """The KL-coefficient grid: one trained policy per beta and seed. RLOO: k1 penalty in the reward (>= 0);
+    GRPO: k3 term in the loss (> 0)."""
+    k: int = 4
+    """Completions per prompt (>= 2)."""
+    prompts_per_iteration: int | None = None
+    """null = rlhf.ppo.rollout_batch_size / k (the same episodes per iteration as PPO; must divide)."""
+    iterations: int | None = None
+    """null = rlhf.ppo.iterations (the same episode budget as PPO)."""
+    lr: float | None = None
+    """null = rlhf.ppo.lr."""
+    minibatch_size: int | None = None
+    """Completions per optimiser step; null = rlhf.ppo.minibatch_size."""
+    epochs: int = 1
+    """Passes over each rollout batch (RLOO: > 1 needs clip_eps)."""
+    clip_eps: float | None = None
+    """null: GRPO clips at 0.2 (TRL), RLOO is unclipped REINFORCE."""
+    scale_rewards: bool = True
+    """GRPO: divide advantages by the group's std (TRL's default); false = Dr. GRPO's mean baseline."""
+    reward_norm: bool | None = None
+    """null = rlhf.ppo.reward_norm (normalise RM scores with the first rollouts' statistics)."""
+    max_new_tokens: int | None = None
+    """null = rlhf.ppo.max_new_tokens."""
+
+    def validate(self, key: str) -> None:
+        check(len(self.betas) > 0, f"{key}.betas", "give at least one beta, e.g. [0.05]")
+        grpo = key.rsplit(".", 1)[-1] == "grpo"  # GRPO's KL term must be on: the arm sits on the KL frontier
+        for i, b in enumerate(self.betas):
+            check(math.isfinite(b) and (b > 0 if grpo else b >= 0), f"{key}.betas[{i}]",
+                  f"beta must be {'> 0 (GRPO needs its KL term)' if grpo else '>= 0'}, got {b}")
+        check(len(set(self.betas)) == len(self.betas), f"{key}.betas", f"duplicate betas in {self.betas}")
+        check(self.k >= 2, f"{key}.k", f"must be >= 2 (a group needs another sample), got {self.k}")
+        for name in ("prompts_per_iteration", "iterations", "minibatch_size", "max_new_tokens"):
+            v = getattr(self, name)
+            check(v is None or v >= 1, f"{key}.{name}", f"must be >= 1 or null (PPO's value), got {v}")
+        check(self.lr is None or (math.isfinite(self.lr) and self.lr > 0), f"{key}.lr", f"must be > 0 or null, got {self.lr}")
+        check(self.epochs >= 1, f"{key}.epochs", f"must be >= 1, got {self.epochs}")
+        check(self.clip_eps is None or 0 < self.clip_eps < 1, f"{key}.clip_eps", f"must be in (0, 1) or null, got {self.clip_eps}")
+
+
+def group_arm_id(algorithm: str, beta: float, seed: int) -> str:
+    return f"{algorithm}-kl{fmt(beta)}-s{seed}"
+
+
+def group_config(c, algorithm: str, beta: float, seed: int) -> GroupRLConfig:
+    """The trainer config of one arm: the family's section, PPO's values where it leaves a field null."""
+    a, ppo = c.arms[algorithm], c.rlhf.ppo
+    key = f"arms.{algorithm}"
+    ppi = a.prompts_per_iteration
+    if ppi is None:
+        check(ppo.rollout_batch_size % a.k == 0, f"{key}.k", f"k={a.k} must divide rlhf.ppo.rollout_batch_size="
+              f"{ppo.rollout_batch_size} (the same episodes per iteration as PPO), or set {key}.prompts_per_iteration")
+        ppi = ppo.rollout_batch_size // a.k
+    pick = lambda v, default: default if v is None else v  # noqa: E731
+    cfg = GroupRLConfig(
+        algorithm=algorithm, beta=beta, k=a.k, prompts_per_iteration=ppi,
+        minibatch_size=pick(a.minibatch_size, ppo.minibatch_size), epochs=a.epochs, clip_eps=a.clip_eps,
+        lr=pick(a.lr, ppo.lr), iterations=pick(a.iterations, ppo.iterations),
+        max_new_tokens=pick(a.max_new_tokens, ppo.max_new_tokens), temperature=ppo.temperature,
+        scale_rewards=a.scale_rewards, reward_norm=pick(a.reward_norm, ppo.reward_norm), grad_clip=ppo.grad_clip,
+        adam_eps=ppo.adam_eps, generation_batch_size=ppo.generation_batch_size,
+        forward_batch_size=ppo.forward_batch_size, seed=seed)
+    try:
+        cfg.validate()
+    except ValueError as e:  # name the suite's key: each listed error starts with the trainer's field name
+        errors = str(e).split("\n  - ")[1:] or [str(e)]
+        first = errors[0].split()[0]
+        fields = {f.name for f in dataclasses.fields(GroupArmConfig)}
+        where = f"{key}.{first}" if first in fields else (f"{key}.betas" if first == "beta" else key)
+        raise ConfigError(f"config key '{where}': " + "; ".join(errors)) from None
+    return cfg
+
+
+def _make_stage(algorithm: str, beta: float, seed: int) -> Stage:
+    arm = group_arm_id(algorithm, beta, seed)
+
+    def run(h: Harness, out: Path) -> dict:
+        from benchmarks.tasks.registry import task_gold
+        from methods.rlhf.group_trainer import GroupRLTrainer
+        from methods.rlhf.reward_model import load_reward_model, make_reward_fn
+
+        cfg = group_config(h.cfg, algorithm, beta, seed)
+        utils.seed_everything(seed)
+        policy, tok = load_model(h.path("sft"), h.device)
+        ref, _ = load_model(h.path("sft"), h.device)
+        rm = load_reward_model(h.path(RM_STAGE) / "rm").to(h.device).eval()
+        rows = load_prompts(h, "train")
+        prompt_text = {tuple(p["prompt_ids"]): p["prompt"] for p in rows}
+
+        def prompts_of(prompt_ids):  # the judge of the dialogue task scores (prompt, response)
+            return [prompt_text.get(tuple(x)) or tok.decode(x, skip_special_tokens=True) for x in prompt_ids]
+
+        def gold_fn(prompt_ids, completion_ids):  # monitor only: logged as objective/gold, never trained on
+            texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
+            return task_gold(h.cfg.task, texts, prompts_of(prompt_ids))
+
+        reward_fn = make_reward_fn(rm, pad_id=tok.pad_token_id, autocast=h.autocast())
+        policy = lora.add_adapters(policy, h.cfg.lora, seed=seed)  # same adapters as the PPO and DPO policies
+        tr = GroupRLTrainer(policy, ref, reward_fn, tok, [p["prompt_ids"] for p in rows], cfg, h.device,
+                            autocast=h.autocast(), monitor=gold_fn)
+        t = utils.Timer()
+        with progress.bar(cfg.iterations, f"arm/{arm}", unit="it") as b:
+            def on_log(rec):
+                b.to(rec["iteration"], kl=rec["objective/kl"], score=rec["objective/scores"], gold=rec.get("objective/gold"),
+                     **{"tok/s": rec["tokens/sequence"] / max(rec["time/iteration"], 1e-9)})
+
+            ckpt = h.checkpoint_path(f"arm/{arm}")
+            if ckpt.exists() and tr.load_checkpoint(ckpt):  # (train() loads it too; this is to say so)
+                h.log(f"[arm/{arm}] resuming from iteration {tr.iteration} of {cfg.iterations} ({ckpt})")
+            with interrupts.graceful():  # SIGINT/SIGTERM: finish the iteration, checkpoint, exit (as the PPO arm)
+                hist = tr.train(on_log=on_log, checkpoint_path=ckpt, checkpoint_every=h.cfg.checkpoint_every_iterations,
+                                stop=interrupts.requested)
+            if interrupts.requested() and tr.iteration < cfg.iterations:
+                interrupts.stop_with_checkpoint(tr, ckpt, f"arm/{arm}", tr.iteration, cfg.iterations, "iteration")
+        train_s = t.elapsed
+        policy = lora.merged(policy)
+        policy.save_pretrained(out / "model")
+        tok.save_pretrained(out / "model")
+        utils.write_jsonl(out / "train_curve.jsonl", hist)
+        utils.atomic_write_json(out / "train_config.json", asdict(cfg))
+        phases = {k: sum(r.get(k, 0.0) for r in hist) for k in ("time/generation", "time/reward", "time/ref_value_forward", "time/update")}
+        rm_sum = h.results[RM_STAGE].summary
+        last = hist[-1] if hist else {}
+        ntok = {k: sum(r.get(f"tokens/{k}", 0) for r in hist) for k in ("prompt", "generated", "sequence", "update")}
+        n_pol, n_rm = models.n_params(policy), models.n_params(rm)
+        # rollout forwards: old policy log-probs, reference log-probs, reward model; no value model
+        compute = compute_record(generated=[(n_pol, ntok["prompt"] + ntok["generated"])],
+                                 forward=[(n_pol, ntok["sequence"]), (n_pol, ntok["sequence"]), (n_rm, ntok["sequence"])],
+                                 trained=[(n_pol, ntok["update"])], shared={RM_STAGE: stage_flops(h, RM_STAGE)})
+        return {"arm": arm, "method": algorithm, "loss_type": "", "kl_coef": beta, "target_kl": None, "seed": seed,
+                "status": "ok", "k": cfg.k, "iterations": len(hist), "time/train_s": train_s,
+                **{k + "_s": v for k, v in phases.items()},
+                "tokens_seen": last.get("tokens_seen"), "episodes_seen": last.get("episodes_seen"),
+                "tokens_per_s": (last.get("tokens_seen") or 0) / max(train_s, 1e-9),
+                "rm_accuracy": rm_sum["rm_accuracy"], "rm_gold_pearson": rm_sum["rm_gold_pearson"],
+                "params": n_pol, **compute,
+                "final": {k: v for k, v in last.items() if k.startswith(("objective/", "policy/"))}}
+
+    key = lambda c: {"group": asdict(group_config(c, algorithm, beta, seed)), "dtype": c.dtype,  # noqa: E731
+                     "target": c.task.target, "gold": c.task.gold} | lora_key(c)
+    return Stage(f"arm/{arm}", ("sft", "prompts", RM_STAGE), key, run)
+
+
+class _GroupFamily(ArmFamily):
+    config_cls = GroupArmConfig
+
+    def plan(self, c) -> ArmPlan:
+        p = ArmPlan()
+        a = self.section(c, self.name)
+        if a is None:
+            return p
+        check(c.rlhf is not None, f"arms.{self.name}", "needs the rlhf section (its reward model rlhf.rm and the PPO "
+              "budget rlhf.ppo it shares)")
+        for b in a.betas:
+            group_config(c, self.name, b, c.seeds[0])  # every grid point's trainer config is valid, before any stage
+        p.need(rm_stage())
+        for seed in c.seeds:
+            for b in a.betas:
+                p.add_arm(_make_stage(self.name, b, seed))
+        return p
+
+
+@register
+class RLOO(_GroupFamily):
+    """RLOO (Ahmadian et al. 2024): k samples per prompt, leave-one-out baseline, k1 KL penalty in the reward."""
+
+    name = "rloo"
+    methods = (Method("rloo", "RLOO", "#fbafe4", "p", "on_policy_rl", order=52, curves="rl"),)
+
+
+@register
+class GRPO(_GroupFamily):
+    """GRPO (Shao et al. 2024): k samples per prompt, group-normalised advantages, k3 KL term in the loss."""
+
+    name = "grpo"
+    methods = (Method("grpo", "GRPO", "#ece133", "h", "on_policy_rl", order=54, curves="rl"),)
