@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stages", help="list stages and cache folders")
     _common(p)
     sub.add_parser("suites", help="list suites")
+    p = sub.add_parser("compare", help="where two runs of a suite first diverge (stage artefact checksums)")
+    p.add_argument("run_a", help="run folder, e.g. results/runs/smoke")
+    p.add_argument("run_b", help="another run folder (e.g. copied from another machine)")
     p = sub.add_parser("verify", help="check every finished stage of a cache against its manifest (sizes, SHA-256)")
     p.add_argument("--cache", default="results/cache", help="cache folder (default results/cache)")
     p.add_argument("--move-aside", action="store_true", help="rename damaged stage folders so that runs rebuild them")
@@ -93,6 +96,29 @@ def _gate(args) -> int:
     return 0 if not why else 1
 
 
+def _compare(args) -> int:
+    import json
+    from pathlib import Path
+
+    from benchmarks.harness import compare_runs
+
+    idx = []
+    for r in (args.run_a, args.run_b):
+        f = Path(r) / "stages.json"
+        if not f.exists():
+            raise FileNotFoundError(f"{r}: no stages.json (is this a run folder?)")
+        idx.append(json.loads(f.read_text()))
+    first, rows = compare_runs(*idx)
+    for n, status in rows:
+        print(f"{n:<34} {status}")
+    if first is None:
+        print("prefbench compare: every stage with a checksum in both runs produced bit-identical artefacts")
+    else:
+        print(f"prefbench compare: the runs first diverge at {first}; every stage before it is bit-identical "
+              f"(a difference there flows into every stage that reads it)")
+    return 0
+
+
 def _verify(args) -> int:
     """Every finished stage under the cache against the manifest in its stage.json, every file hashed."""
     import json
@@ -144,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "verify":
             return _verify(args)
+        if args.cmd == "compare":
+            return _compare(args)
         if args.cmd in ("check", "baseline"):
             return _gate(args)
         if args.cmd == "report":

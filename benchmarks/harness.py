@@ -77,6 +77,9 @@ class StageResult:
     summary: dict
     first_run: dict | None = None
     """For a cached stage: wall time and peak memory measured when it really ran (from its stage.json)."""
+    digest: str | None = None
+    """Checksum of what the stage produced (its files' SHA-256, logs and metadata left out): equal digests mean
+    bit-identical artefacts, so two runs' stage indexes show where they first diverge (``prefbench compare``)."""
 
     def line(self) -> str:
         if self.cached:
@@ -221,7 +224,8 @@ class Harness:
         if meta_path.exists():
             meta = json.loads(meta_path.read_text())
             res = StageResult(name, self.stage_hash(name), final, True, t.elapsed, None, meta["summary"],
-                              {k: meta.get(k) for k in ("wall_s", "peak_rss_mb", "cuda_peak_mb", "finished_at")})
+                              {k: meta.get(k) for k in ("wall_s", "peak_rss_mb", "cuda_peak_mb", "finished_at")},
+                              digest=artefact_digest(meta.get("manifest")))
         elif not self.run_missing:
             raise StageNotFinished(f"stage {name} has not finished (no {meta_path}); `prefbench run` runs it")
         else:
@@ -242,7 +246,8 @@ class Harness:
                 utils.atomic_write_json(tmp / "stage.json", meta)
             if damaged is not None and _artefacts(damaged) != _artefacts(meta["manifest"]):
                 self._supersede_downstream(name)
-            res = StageResult(name, self.stage_hash(name), final, False, wall, peak, summary)
+            res = StageResult(name, self.stage_hash(name), final, False, wall, peak, summary,
+                              digest=artefact_digest(meta["manifest"]))
             self.checkpoint_path(name).unlink(missing_ok=True)
         return res
 
@@ -335,7 +340,7 @@ class Harness:
                 if name not in self.failed:
                     self.failed[name] = f"{type(e).__name__}: {e}"
                 self.log(f"[{name}] FAILED: {type(e).__name__}: {e} (the suite goes on)")
-        index = {n: {"hash": r.hash, "path": str(r.path), "cached": r.cached, "wall_s": r.wall_s,
+        index = {n: {"hash": r.hash, "digest": r.digest, "path": str(r.path), "cached": r.cached, "wall_s": r.wall_s,
                      "peak_rss_mb": r.peak_rss_mb, "first_run": r.first_run, "summary": r.summary}
                  for n, r in self.results.items()}
         if not self.dist.is_main:
@@ -372,6 +377,31 @@ def _disk_full_names(name: str, final: Path, tmp: Path):
 def _artefacts(manifest: dict[str, dict]) -> dict[str, str]:
     """A stage's content for comparing two builds: its files' hashes, logs and metadata (json, jsonl: timings) left out."""
     return {k: v["sha256"] for k, v in manifest.items() if not k.endswith((".json", ".jsonl"))}
+
+
+def artefact_digest(manifest: dict[str, dict] | None) -> str | None:
+    return utils.stable_hash(_artefacts(manifest)) if manifest else None
+
+
+def compare_runs(a: dict, b: dict) -> tuple[str | None, list[tuple[str, str]]]:
+    """Two runs' stage indexes (stages.json) stage by stage in A's order: (the first stage whose artefacts differ or
+    None, [(stage, "same" | "differs" | "config differs" | "only in A" | "no checksum")])."""
+    sa, sb = a.get("stages", {}), b.get("stages", {})
+    rows, first = [], None
+    for n, ra in sa.items():
+        rb = sb.get(n)
+        if rb is None:
+            status = "only in A"
+        elif not ra.get("digest") or not rb.get("digest"):
+            status = "no checksum"
+        elif ra["digest"] == rb["digest"]:
+            status = "same"
+        else:
+            status = "differs" if ra.get("hash") == rb.get("hash") else "config differs"
+        if status in ("differs", "config differs") and first is None:
+            first = n
+        rows.append((n, status))
+    return first, rows
 
 
 RUN_TABLES = ("summary.json", "summary.csv", "by_config.csv", "samples.parquet", "stages.json", "report.html",

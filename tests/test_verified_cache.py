@@ -115,3 +115,19 @@ def test_a_full_disk_names_the_stage_leaves_no_partial_folder_and_the_rerun_comp
     calls = []
     res = Harness(load_suite("smoke"), stages(calls), root=tmp_path, log=lambda *_: None).run(["a", "b"])
     assert calls == ["b"] and (res["b"].path / "done.txt").read_text() == "ok"
+
+
+def test_compare_names_the_first_stage_where_two_runs_diverge(tmp_path):
+    from benchmarks.harness import compare_runs
+
+    idx = []
+    for root, b in ((tmp_path / "x", b"B"), (tmp_path / "y", b"C")):
+        _run(root, [], {"a": b"A", "b": b}, None)
+        run_dir = root / load_suite("smoke").runs_dir / "smoke"
+        idx.append(json.loads((run_dir / "stages.json").read_text()))
+    first, rows = compare_runs(*idx)
+    assert first == "b" and rows == [("a", "same"), ("b", "differs")]
+    assert idx[0]["stages"]["a"]["digest"] == idx[1]["stages"]["a"]["digest"]  # the curve log's timings are left out
+    r = subprocess.run([sys.executable, "-m", "benchmarks", "compare", str(tmp_path / "x" / "results/runs/smoke"),
+                        str(tmp_path / "y" / "results/runs/smoke")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "first diverge at b" in r.stdout, r.stdout + r.stderr
