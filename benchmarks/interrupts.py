@@ -52,6 +52,8 @@ def graceful():
         yield
     finally:
         _state["graceful"] -= 1
+    if _state["signal"] is not None and not _state["graceful"]:  # the signal came as the loop was ending: stop now
+        raise Interrupted(_state["signal"], "stopped at the end of a training loop")
 
 
 def stop_with_checkpoint(trainer, path, stage: str, done: int, total: int, unit: str) -> None:

@@ -66,14 +66,24 @@ def test_two_runs_at_once_do_not_corrupt_each_other(tmp_path):
     assert n_cached >= n_done - 2
 
 
-def test_killed_run_resumes_to_the_same_summary(tmp_path):
+CKPT_EVERY = ("checkpoint_every_steps=1", "checkpoint_every_iterations=1")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The summary of an uninterrupted run (checkpointing every step changes no number)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    return _run(root / "cache", root / "runs", *CKPT_EVERY)
+
+
+def test_killed_run_resumes_to_the_same_summary(tmp_path, uninterrupted):
     """SIGKILL the suite at several points (after pairs exist, mid-DPO / mid-PPO training with a checkpoint on
     disk, after the reference's evaluation), re-run the same command: same summary as an uninterrupted run."""
     import time
 
-    ref = _run(tmp_path / "ref", tmp_path / "rref")
+    ref = uninterrupted
     cache, runs = tmp_path / "k", tmp_path / "rk"
-    extra = ("checkpoint_every_steps=1", "checkpoint_every_iterations=1")
+    extra = CKPT_EVERY
     killed_at = []
     for pattern in ("prefs/*/stage.json", "ckpt/arm__dpo*.pt", "ckpt/arm__ppo*.pt", "eval/sft/*/stage.json"):
         p = subprocess.Popen(_cmd(cache, runs, *extra), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
@@ -123,7 +133,7 @@ def test_a_failed_run_never_shows_the_previous_runs_tables(tmp_path):
     assert r.returncode != 0 and "not this run's" in r.stderr
 
 
-def test_sigterm_checkpoints_and_says_how_to_resume(tmp_path):
+def test_sigterm_checkpoints_and_says_how_to_resume(tmp_path, uninterrupted):
     """SIGTERM mid-DPO and mid-PPO (once the training loop has written a checkpoint): the trainer finishes its step,
     writes its checkpoint, the run exits 143 with the resume line; the re-run says it resumes and ends with the
     uninterrupted summary."""
@@ -131,8 +141,7 @@ def test_sigterm_checkpoints_and_says_how_to_resume(tmp_path):
     import time
 
     cache, runs = tmp_path / "k", tmp_path / "rk"
-    extra = ("checkpoint_every_steps=1", "checkpoint_every_iterations=1", "dpo.epochs=3", "rlhf.ppo.iterations=6")
-    ref = _run(tmp_path / "ref", tmp_path / "rref", *extra)
+    extra, ref = CKPT_EVERY, uninterrupted
     for stage in ("dpo-sigmoid", "ppo-kl"):
         p = subprocess.Popen(_cmd(cache, runs, *extra), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)

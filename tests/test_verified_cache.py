@@ -131,3 +131,29 @@ def test_compare_names_the_first_stage_where_two_runs_diverge(tmp_path):
     r = subprocess.run([sys.executable, "-m", "benchmarks", "compare", str(tmp_path / "x" / "results/runs/smoke"),
                         str(tmp_path / "y" / "results/runs/smoke")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "first diverge at b" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_signal_inside_a_training_loop_is_deferred_to_its_end_and_outside_it_stops_at_once():
+    import os
+    import signal
+
+    import pytest
+
+    from benchmarks import interrupts as interrupts_
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        interrupts_._state.update(signal=None, graceful=0)
+        interrupts_.install()
+        with pytest.raises(interrupts_.Interrupted, match="end of a training loop"):
+            with interrupts_.graceful():
+                os.kill(os.getpid(), signal.SIGTERM)
+                assert interrupts_.requested()  # deferred: the loop runs on to its next safe point
+        interrupts_._state.update(signal=None, graceful=0)
+        with pytest.raises(interrupts_.Interrupted) as e:
+            os.kill(os.getpid(), signal.SIGTERM)  # outside a training loop: at once
+        assert e.value.signum == signal.SIGTERM
+    finally:
+        interrupts_._state.update(signal=None, graceful=0)
+        for s, h in saved.items():
+            signal.signal(s, h)

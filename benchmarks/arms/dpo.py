@@ -62,8 +62,8 @@ def _make_dpo_stage(loss_type: str, beta: float, seed: int) -> Stage:
             hist = tr.train(checkpoint_path=ckpt, checkpoint_every=h.cfg.checkpoint_every_steps, stop=interrupts.requested,
                             on_log=lambda r: b.to(r["step"], loss=r["loss"], margin=r.get("rewards/margins"),
                                                   **{"tok/s": r.get("tokens_per_s")}))
-        if interrupts.requested() and tr.step < tr.total_steps:
-            interrupts.stop_with_checkpoint(tr, ckpt, f"arm/{arm}", tr.step, tr.total_steps, "step")
+            if interrupts.requested():
+                interrupts.stop_with_checkpoint(tr, ckpt, f"arm/{arm}", tr.step, tr.total_steps, "step")
         train_s = t.elapsed
         after = tr.evaluate(held, ref_held) if held else nan
         if h.cfg.lora is not None:  # adapters merged: a plain model folder like every other arm's

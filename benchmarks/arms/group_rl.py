@@ -149,8 +149,8 @@ def _make_stage(algorithm: str, beta: float, seed: int) -> Stage:
             with interrupts.graceful():  # SIGINT/SIGTERM: finish the iteration, checkpoint, exit (as the PPO arm)
                 hist = tr.train(on_log=on_log, checkpoint_path=ckpt, checkpoint_every=h.cfg.checkpoint_every_iterations,
                                 stop=interrupts.requested)
-            if interrupts.requested() and tr.iteration < cfg.iterations:
-                interrupts.stop_with_checkpoint(tr, ckpt, f"arm/{arm}", tr.iteration, cfg.iterations, "iteration")
+                if interrupts.requested():
+                    interrupts.stop_with_checkpoint(tr, ckpt, f"arm/{arm}", tr.iteration, cfg.iterations, "iteration")
         train_s = t.elapsed
         policy = lora.merged(policy)
         policy.save_pretrained(out / "model")

@@ -97,8 +97,8 @@ def _make_ppo_stage(kind: str, kl_coef: float | None, target_kl: float | None, s
                 with interrupts.graceful():
                     hist = tr.train(on_log=on_log, checkpoint_path=ckpt, checkpoint_every=h.cfg.checkpoint_every_iterations,
                                     stop=interrupts.requested)
-                if interrupts.requested() and tr.iteration < cfg.iterations:
-                    interrupts.stop_with_checkpoint(tr, ckpt, f"arm/{arm}", tr.iteration, cfg.iterations, "iteration")
+                    if interrupts.requested():
+                        interrupts.stop_with_checkpoint(tr, ckpt, f"arm/{arm}", tr.iteration, cfg.iterations, "iteration")
         except KLBlowupError as e:
             hist, status = tr.history, f"stopped: {e}"
         train_s = t.elapsed
