@@ -34,6 +34,7 @@ import pytest
 import torch
 
 from methods.dpo.losses import preference_loss
+from methods.online_dpo import best_worst_pairs
 from methods.rlhf.group import grpo_advantages, grpo_loss, kl_penalised_rewards, rloo_advantages, rloo_loss
 from methods.rlhf.ppo_core import (
     KL_KINDS,
@@ -394,12 +395,115 @@ def grpo_unscaled_closed_form(b: Bandit, k: int = 4) -> torch.Tensor:
     return pi / pi.sum()
 
 
+# ------------------------------------------------------------------------------------------ online DPO
+# ``methods.online_dpo.OnlineDPOTrainer`` on the bandit: every iteration P groups of k samples from the sampling policy
+# (s = 1: the policy after the previous iteration; s = None: pi_ref), one pair per group from ``best_worst_pairs`` (the
+# best vs the worst of the k; ties skipped), ``preference_loss`` on it. What it targets depends on the labels:
+# * Bradley-Terry labels (``labels='bradley_terry'``: the best is chosen w.p. sigmoid(r_best - r_worst)). Given the
+#   pair {i, j} the label is a BT draw on r, so each pair's expected loss is the BT cross-entropy, minimised exactly
+#   where beta (log pi/pi_ref)(i) - beta (log pi/pi_ref)(j) = r_i - r_j; every pair of arms can be the (best, worst)
+#   of a group (a group of only i's and j's), so the pairs connect all arms and the minimiser is pi*, whatever the
+#   sampler. With s = 1 the pair distribution moves with pi, but the semi-gradient (weights detached, as in the
+#   trainer) vanishes only where pi minimises the loss of its own pair distribution: pi* again. Online DPO with BT
+#   labels targets pi* for every s. The population versions (all K^k groups, exact label expectations) land on pi*
+#   (TV < 1e-5); sampled s = 1 keeps label noise at pi* (the labels are random there), so, as GRPO's, its tolerance is
+#   wider (observed TV 0.009-0.013 over seeds 0-5 with the settings of ``train_online_dpo_sampled``).
+# * Deterministic best-vs-worst labels (``labels='best_worst'``, the arm's default, TRL's rule): every observed pair
+#   is an infinitely confident preference; the loss has no finite minimiser (h -> +inf along r's order) and pi runs
+#   to argmax r at any beta (Azar et al. 2023, Sec. 4.2: DPO ignores its KL term under deterministic preferences).
+#   It does NOT target pi*: ``test_online_dpo_best_worst_collapses_on_argmax``.
+ONLINE_DPO_TV_TOL = 0.03
+
+
+def _online_dpo_pairs(b: Bandit, labels: str, k: int = 4) -> tuple[torch.Tensor, ...]:
+    """All K^k groups ``[N, k]``, the (best, worst) arms of each group with a pair (``best_worst_pairs``; all-tie groups
+    give none), the group of each pair, and the label's expectation: BT (sigmoid(r_best - r_worst)) or deterministic."""
+    g = _all_groups(b, k)
+    p, c, rj = best_worst_pairs(b.reward[g])
+    yc, yr = g[p, c], g[p, rj]
+    p_best = torch.sigmoid(b.reward[yc] - b.reward[yr]) if labels == "bradley_terry" else torch.ones(len(p), dtype=D)
+    return g, p, yc, yr, p_best
+
+
+def _online_dpo_population_loss(b: Bandit, theta: torch.Tensor, sampler_logp: torch.Tensor,
+                                pairs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Expected online-DPO loss over all groups drawn from the sampler (weights detached, as the trainer's samples
+    carry no gradient), each pair's loss averaged over its label."""
+    g, p, yc, yr, p_best = pairs
+    w = sampler_logp.detach()[g].sum(1).exp()[p]  # probability of each pair's group under the sampler
+    logp = torch.log_softmax(theta, dim=0)
+    fwd, _, _ = preference_loss(logp[yc], logp[yr], b.ref_logp[yc], b.ref_logp[yr], beta=b.beta)
+    bwd, _, _ = preference_loss(logp[yr], logp[yc], b.ref_logp[yr], b.ref_logp[yc], beta=b.beta)
+    return (w * (p_best * fwd + (1 - p_best) * bwd)).sum() / w.sum()
+
+
+def train_online_dpo(b: Bandit, *, labels: str = "bradley_terry", sync_interval: int | None = 1, steps: int = 600,
+                     lr: float = 0.05) -> torch.Tensor:
+    """Population online DPO: full-batch Adam on ``_online_dpo_population_loss``, the sampler refreshed from pi_theta
+    after every step t with t % sync_interval == 0 (None: pi_ref forever)."""
+    pairs = _online_dpo_pairs(b, labels)
+    theta = b.ref_logp.clone().requires_grad_(True)
+    sampler = b.ref_logp.clone()
+    opt = torch.optim.Adam([theta], lr=lr)
+    for t in range(1, steps + 1):
+        loss = _online_dpo_population_loss(b, theta, sampler, pairs)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if sync_interval is not None and t % sync_interval == 0:
+            sampler = torch.log_softmax(theta.detach(), dim=0)
+    return torch.softmax(theta.detach(), dim=0)
+
+
+def train_online_dpo_sampled(b: Bandit, *, labels: str = "bradley_terry", sync_interval: int | None = 1, k: int = 4,
+                             prompts_per_iteration: int = 512, iterations: int = 300, lr: float = 0.03,
+                             seed: int = 0) -> torch.Tensor:
+    """``OnlineDPOTrainer._iteration`` on the bandit: P groups of k samples from the sampler, ``best_worst_pairs`` with
+    a uniform per group for BT labels, one minibatch of all pairs through ``preference_loss`` (mean), grad-norm clip
+    1.0, Adam (the lr annealed linearly, the trainer's ``anneal_lr``), sync after iterations t with t % s == 0."""
+    gen = torch.Generator().manual_seed(seed)
+    theta = b.ref_logp.clone().requires_grad_(True)
+    sampler = b.ref_logp.clone()
+    opt = torch.optim.Adam([theta], lr=lr)
+    P = prompts_per_iteration
+    for it in range(1, iterations + 1):
+        for group in opt.param_groups:
+            group["lr"] = (1.0 - (it - 1) / iterations) * lr
+        with torch.no_grad():
+            y = torch.multinomial(sampler.exp(), P * k, replacement=True, generator=gen).view(P, k)
+            u = torch.rand(P, generator=gen, dtype=D)
+            p, c, rj = best_worst_pairs(b.reward[y], labels=labels, uniforms=u)
+            yc, yr = y[p, c], y[p, rj]
+        logp = torch.log_softmax(theta, dim=0)
+        losses, _, _ = preference_loss(logp[yc], logp[yr], b.ref_logp[yc], b.ref_logp[yr], beta=b.beta)
+        opt.zero_grad()
+        losses.mean().backward()
+        torch.nn.utils.clip_grad_norm_([theta], 1.0)
+        opt.step()
+        if sync_interval is not None and it % sync_interval == 0:
+            sampler = torch.log_softmax(theta.detach(), dim=0)
+    return torch.softmax(theta.detach(), dim=0)
+
+
+def train_online_dpo_s1_bt(b: Bandit) -> torch.Tensor:
+    return train_online_dpo(b, labels="bradley_terry", sync_interval=1)
+
+
+def train_online_dpo_sinf_bt(b: Bandit) -> torch.Tensor:
+    return train_online_dpo(b, labels="bradley_terry", sync_interval=None)
+
+
 # ------------------------------------------------------------------------------------------ registry + tests
 TRAINERS: dict[str, TrainFn] = {
     "dpo_sigmoid_population": train_dpo_population,
     "dpo_sigmoid_sampled_1e6_pairs": train_dpo_sampled,
     "ppo_k1": train_ppo,
     "rloo_k1_in_reward": train_rloo,
+    # online DPO with Bradley-Terry labels on the best vs worst of k = 4 (population): fully online (s = 1) and from
+    # pi_ref's samples (s = None). The arm's default deterministic best-vs-worst labels do not target pi*: see
+    # test_online_dpo_best_worst_collapses_on_argmax
+    "online_dpo_s1_bradley_terry_population": train_online_dpo_s1_bt,
+    "online_dpo_sinf_bradley_terry_population": train_online_dpo_sinf_bt,
     # GRPO (k3 in the loss, group-std advantages) provably targets another point: see test_grpo_* below
 }
 
@@ -543,3 +647,27 @@ def test_grpo_lands_on_its_own_fixed_point_not_pi_star():
     assert tv(pi, fixed) < GRPO_TV_TOL, (pi.tolist(), fixed.tolist())
     assert tv(fixed, BANDIT.pi_star) > FAR and tv(pi, BANDIT.pi_star) > FAR  # 0.46: GRPO does not target pi*
 
+
+
+# ------------------------------------------------------------------------------------------ online DPO targets
+def test_online_dpo_sampled_bradley_terry_reaches_optimum():
+    """The sampled s = 1 loop with hard BT labels; label noise does not vanish at pi*, hence the wider tolerance."""
+    assert_reaches_optimum(train_online_dpo_sampled, tol=ONLINE_DPO_TV_TOL)
+
+
+def test_online_dpo_best_worst_collapses_on_argmax():
+    """Deterministic best-vs-worst labels (the arm's default): pi* is not stationary (the expected gradient there is
+    not 0, while BT labels' is), there is no fixed point (the mass on argmax r keeps growing with more steps) and pi
+    ends near argmax r, far from pi*, at this beta."""
+    star = torch.log(BANDIT.pi_star).requires_grad_(True)
+    for labels, stationary in (("bradley_terry", True), ("best_worst", False)):
+        loss = _online_dpo_population_loss(BANDIT, star, star, _online_dpo_pairs(BANDIT, labels))
+        (grad,) = torch.autograd.grad(loss, star)
+        assert (float(grad.abs().max()) < 1e-12) == stationary, (labels, grad)
+    best = int(BANDIT.reward.argmax())
+    short = train_online_dpo(BANDIT, labels="best_worst", steps=150)
+    pi = train_online_dpo(BANDIT, labels="best_worst", steps=600)
+    assert int(pi.argmax()) == best and float(pi[best]) > 0.99 and float(pi[best]) > float(short[best])
+    assert tv(pi, BANDIT.pi_star) > FAR
+    # the same holds from pi_ref's samples (s = None): deterministic labels, no finite minimiser
+    assert tv(train_online_dpo(BANDIT, labels="best_worst", sync_interval=None), BANDIT.pi_star) > FAR

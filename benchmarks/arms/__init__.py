@@ -26,6 +26,7 @@ from benchmarks.harness import Stage
 from benchmarks.stages import STAGES
 
 from benchmarks.arms import group_rl  # noqa: F401 # isort: skip - RLOO, GRPO register after the built-ins
+from benchmarks.arms import online_dpo  # noqa: F401 # isort: skip - online DPO registers after RLOO, GRPO
 
 FOUNDATION = ["data", "base", "sft", "prompts", "prefs"]
 
