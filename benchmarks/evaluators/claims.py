@@ -89,8 +89,10 @@ def run_claims(t: Tables, only: list[str] | None = None) -> list[dict]:
     return out
 
 
-def count(claims: list[dict]) -> dict[str, int]:
-    return {s: sum(c["status"] == s for c in claims) for s in (HOLDS, FAILS, INCONCLUSIVE)}
+def count(claims: list[dict]) -> dict:
+    """How many claims hold / fail / are inconclusive, and the ids of those that fail."""
+    return {**{s: sum(c["status"] == s for c in claims) for s in (HOLDS, FAILS, INCONCLUSIVE)},
+            "failed": [c["id"] for c in claims if c["status"] == FAILS]}
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -105,7 +105,9 @@ def build_verdict(samples: pd.DataFrame, summary: pd.DataFrame, *, suite: str, t
     summary = _configs(summary[np.isclose(summary.temperature, temperature)])
     fams = compared_families(summary)
     offline = [f for f in fams if method(f).kind == "offline_preference"]
-    others = [f for f in fams if method(f).kind != "offline_preference"]
+    # on-policy RL first (the headline question: DPO or RLHF), then reranking
+    others = sorted((f for f in fams if method(f).kind != "offline_preference"),
+                    key=lambda f: (method(f).kind != "on_policy_rl", method(f).order, f))
     comps = []
     for a in offline:
         for b in others:
@@ -127,8 +129,10 @@ def build_verdict(samples: pd.DataFrame, summary: pd.DataFrame, *, suite: str, t
 # ------------------------------------------------------------------------------------------------------ text
 def _r(lo: float, hi: float, axis: str) -> str:
     if axis == "flops":
-        return f"{10 ** lo:.1e}\u2013{10 ** hi:.1e} FLOPs"
-    return f"KL {lo:.1f}\u2013{hi:.1f}"
+        a, b = f"{10 ** lo:.1e}", f"{10 ** hi:.1e}"
+        return f"{a} FLOPs" if a == b else f"{a}\u2013{b} FLOPs"
+    a, b = f"{lo:.1f}", f"{hi:.1f}"
+    return f"KL {a}" if a == b else f"KL {a}\u2013{b}"
 
 
 def gap_sentence(a: str, b: str, c: dict, axis: str) -> str:
@@ -140,7 +144,8 @@ def gap_sentence(a: str, b: str, c: dict, axis: str) -> str:
                 f"{'compute' if axis == 'flops' else 'KL'} range in common: no comparison at matched "
                 f"{'compute' if axis == 'flops' else 'KL'}.")
     gap, lo, hi, p = c["gap"], c["low"], c["high"], c["p_a_better"]
-    where = f"over {_r(*c['overlap'], axis)}"
+    rng = _r(*c["overlap"], axis)
+    where = f"over {rng}" if "\u2013" in rng else f"at {rng} (the only {'cost' if axis == 'flops' else 'KL'} both reach)"
     if lo > 0:
         s = f"{where} {a}'s frontier lies {gap:.2f} [{lo:.2f}, {hi:.2f}] gold above {b}'s"
     elif hi < 0:
@@ -184,7 +189,9 @@ def verdict_text(v: dict) -> str:
                  + ("." if len(counts) <= 1 else "; the families were NOT given the same number."))
     if v.get("claims"):
         k = v["claims"]
-        parts.append(f"Paper claims checked on this run: {k['holds']} hold, {k['fails']} fail, {k['inconclusive']} inconclusive.")
+        failed = f" ({', '.join(k['failed'])})" if k.get("failed") else ""
+        parts.append(f"Paper claims checked on this run: {k['holds']} hold, {k['fails']} fail{failed}, "
+                     f"{k['inconclusive']} inconclusive.")
     for m, k in v.get("kl_landing", {}).items():
         lab = fams.get(m, {}).get("label", m)
         parts.append(f"{lab} seeds landing within \u00b1{k['tolerance']:.0%} of their target KL: {k['within']}/{k['total']}.")
