@@ -122,3 +122,14 @@ def test_verdict_says_when_tuning_budgets_differ_and_lists_kl_landing():
     land = kl_landing(summary)["ppo"]
     assert land["total"] == 6 and land["within"] == 4  # target 12 landed at ~8.5: error -29 %; targets 3 / 6 exact
     assert {a["arm"] for a in land["arms"] if not a["landed"]} == {"ppo-tkl12-s0", "ppo-tkl12-s1"}
+
+
+def test_compare_reports_where_the_envelopes_cross():
+    # A: gold 0.5 flat over KL 1-5; B: 0.2 -> 0.8 along KL 1-5: B crosses A at KL 3
+    a = [Config("a0", np.full((1, 4), 0.5), np.full((1, 4), 1.0)), Config("a1", np.full((1, 4), 0.5), np.full((1, 4), 5.0))]
+    b = [Config("b0", np.full((1, 4), 0.2), np.full((1, 4), 1.0)), Config("b1", np.full((1, 4), 0.8), np.full((1, 4), 5.0))]
+    r = compare(a, b, n_boot=50)
+    assert r["crossings"] == [pytest.approx(3.0, abs=0.1)] and r["a_above_at_start"]
+    from benchmarks.evaluators.verdict import gap_sentence
+
+    assert "the envelopes cross at KL 3.0: A is above before, B after" in gap_sentence("A", "B", r, "kl")

@@ -116,7 +116,13 @@ def compare(a: list[Config], b: list[Config], *, n_boot: int = 2000, seed: int =
     if hi < lo:
         return {**out, "overlap": None, "gap": None, "low": None, "high": None, "p_a_better": None}
     grid = np.linspace(lo, hi, grid_n) if hi > lo else np.array([lo])
-    gap = float(np.nanmean(envelope(xa, ya, grid) - envelope(xb, yb, grid)))
+    diff = envelope(xa, ya, grid) - envelope(xb, yb, grid)
+    gap = float(np.nanmean(diff))
+    # where the point-estimate envelopes cross (a mean gap over a range can hide a change of sign)
+    sign = np.sign(np.round(diff, 9))
+    crossings = [float(np.interp(0.0, [diff[i], diff[i + 1]], [grid[i], grid[i + 1]]) if diff[i] < diff[i + 1]
+                       else np.interp(0.0, [diff[i + 1], diff[i]], [grid[i + 1], grid[i]]))
+                 for i in range(len(grid) - 1) if sign[i] * sign[i + 1] < 0]
     boots = []
     for d in _draws({"a": a, "b": b}, n_boot, seed):
         (bxa, bya), (bxb, byb) = d["a"], d["b"]
@@ -127,7 +133,8 @@ def compare(a: list[Config], b: list[Config], *, n_boot: int = 2000, seed: int =
     boots = np.asarray(boots)
     low, high = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
     return {**out, "overlap": [float(lo), float(hi)], "gap": gap, "low": float(low), "high": float(high),
-            "p_a_better": float((boots > 0).mean()), "n_boot": n_boot}
+            "p_a_better": float((boots > 0).mean()), "n_boot": n_boot, "crossings": crossings,
+            "a_above_at_start": bool(diff[0] > 0)}
 
 
 def _outside(rng: list[float], lo: float, hi: float) -> list[list[float]]:

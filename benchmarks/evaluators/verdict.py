@@ -153,6 +153,11 @@ def gap_sentence(a: str, b: str, c: dict, axis: str) -> str:
     else:
         s = f"{where} {a}'s and {b}'s frontiers are level: gap {gap:+.2f} [{lo:+.2f}, {hi:+.2f}] gold"
     s += f" (P({a} > {b}) = {p:.2f})"
+    if c.get("crossings"):
+        first, second = (a, b) if c.get("a_above_at_start") else (b, a)
+        at = ", ".join(_r(x, x, axis).replace("KL ", "") for x in c["crossings"])
+        s += (f"; the envelopes cross at {'KL ' if axis == 'kl' else ''}{at}: {first} is above before"
+              f"{' the first crossing' if len(c['crossings']) > 1 else ''}, {second} after")
     only = [f"only {b} has points at {_r(*r, axis)}" for r in c["only_b"]] + \
            [f"only {a} has points at {_r(*r, axis)}" for r in c["only_a"]]
     if only:
