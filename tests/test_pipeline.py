@@ -51,7 +51,9 @@ def test_foundation_runs_offline_and_reuses_cache(tmp_path):
     # best-of-N's KL estimated from its candidates' rewards (ties counted): positive, at most the analytic bound
     assert 0 < arms["bon-n4-s0"]["kl"] <= math.log(4) - 3 / 4 + 1e-9
     claims = {c["id"]: c for c in summary["claims"]}
-    assert claims["dpo_sanity"]["status"] == "holds" and claims["bon_kl_bound"]["status"] == "holds", claims
+    # step-0 loss = ln 2 on our DPO and the TRL peer (whether held-out accuracy rises is for real budgets: make check)
+    assert claims["dpo_sanity"]["loss_deviation"] < 1e-3 and len(claims["dpo_sanity"]["arms"]) == 2, claims
+    assert claims["bon_kl_bound"]["status"] == "holds", claims
     assert 0 <= arms["ppo-kl0.05-s0"]["rm_accuracy"] <= 1  # the RM's accuracy sits beside PPO's numbers
     assert arms["sft"]["kl"] == 0.0 and arms["sft"]["win_vs_sft"] == 0.5  # the reference against itself
     assert arms["dpo-sigmoid-b0.1-s0"]["kl"] != 0.0  # trained weights differ from pi_ref
