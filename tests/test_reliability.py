@@ -112,10 +112,26 @@ def test_a_failed_run_never_shows_the_previous_runs_tables(tmp_path):
     run_dir = runs / "smoke"
     first_id = json.loads((run_dir / "summary.json").read_text())["run_id"]
     assert first_id == json.loads((run_dir / "stages.json").read_text())["run_id"]
+    first = pd.read_csv(run_dir / "summary.csv")
     (weights,) = list((cache / "sft").glob("*/model/model.safetensors"))
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a half-copied file
+    good = weights.read_bytes()
     import shutil
 
+    # 1. a half-copied weights file in a finished stage: the manifest catches it, the stage is rebuilt (bit-identical,
+    # so nothing downstream re-runs) and the run ends with the same summary
+    weights.write_bytes(good[: len(good) // 2])
+    shutil.rmtree(cache / "eval")
+    r = subprocess.run(_cmd(cache, runs), cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+    assert r.returncode == 0 and "[sft] cached stage DAMAGED (model/model.safetensors:" in r.stdout, r.stdout[-2000:]
+    metrics = [c for c in first.columns if c not in TIMING]
+    pd.testing.assert_frame_equal(pd.read_csv(run_dir / "summary.csv")[metrics], first[metrics], check_exact=True)
+    first_id = json.loads((run_dir / "summary.json").read_text())["run_id"]
+    # 2. the same damage in a stage written before manifests existed: loading fails in every evaluation
+    weights.write_bytes(good[: len(good) // 2])
+    meta_path = weights.parents[1] / "stage.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["manifest"]
+    meta_path.write_text(json.dumps(meta))
     shutil.rmtree(cache / "eval")  # the evaluations must run again and load the damaged weights
     r = subprocess.run(_cmd(cache, runs), cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
     assert r.returncode == 1, (r.stdout[-2000:], r.stderr[-2000:])
