@@ -6,7 +6,7 @@ SUITE ?= default
 STAMP := $(VENV)/.setup-stamp
 ARGS  ?=
 
-.PHONY: help setup bench bench-gpu bench-multi test lint check baseline report clean-cache perf-dpo
+.PHONY: help setup bench bench-gpu bench-multi test lint check baseline report clean-cache perf-dpo perf
 help:
 	@echo "make bench [SUITE=default|smoke|small|paper-*]  run a suite end to end (set-up on first use)"
 	@echo "make test                         run the test suite (set-up on first use)"
@@ -14,6 +14,7 @@ help:
 	@echo "make baseline                     refresh this machine kind's results/baseline/smoke/<kind>.json"
 	@echo "make report [SUITE=...]           HTML report + figures of the last run"
 	@echo "make perf-dpo                     DPO speed benchmark vs TRL"
+	@echo "make perf [ARGS=...]              every training/sampling phase vs its floor + the DPO-vs-TRL benchmark"
 	@echo "make bench-multi [ACCEL=ddp]      a suite under accelerate launch (benchmarks/configs/accelerate/)"
 	@echo "make lint                         ruff"
 
@@ -68,3 +69,12 @@ clean-cache:
 # quiet machine: a second busy process on 2 cores skews timings 2-25x.
 perf-dpo: $(STAMP)
 	$(PY) -m benchmarks.perf.dpo_vs_trl $(ARGS)
+
+# Every training/sampling phase (DPO step and reference, PPO generation / forwards / update, RM step, evaluation
+# sampling) against its floor (a bare forward+backward or model.generate on the same tokens), then the DPO-vs-TRL
+# benchmark. ARGS go to the phases benchmark (e.g. ARGS="--phases dpo,eval --repeats 1"), DPO_ARGS to dpo_vs_trl.
+# Ratios are measured interleaved; a busy machine still makes them noisy.
+DPO_ARGS ?=
+perf: $(STAMP)
+	$(PY) -m benchmarks.perf.phases --out results/perf/phases.json $(ARGS)
+	$(PY) -m benchmarks.perf.dpo_vs_trl --out results/perf/dpo_vs_trl.json $(DPO_ARGS)

@@ -150,9 +150,86 @@ def token_stats(tok, rows: list[dict], cfg: dict) -> dict:
     }
 
 
-# ================================================================================================ worker
-def _median(xs: list[float]) -> float:
+# ================================================================================================ shared helpers
+# (also used by benchmarks/perf/phases.py: one definition of the DPO "ours" and "floor" loops, of the timing
+# statistics and of a worker's environment)
+def median(xs: list[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
+
+
+def intervals(t0: float, ends: list[float]) -> list[float]:
+    """Durations between consecutive step ends, the first measured from ``t0``."""
+    return [b - a for a, b in zip([t0, *ends[:-1]], ends, strict=True)]
+
+
+def stats(xs: list[float]) -> dict:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return {"min": None, "median": None, "max": None, "values": []}
+    return {"min": min(xs), "median": median(xs), "max": max(xs), "values": xs}
+
+
+def worker_env(threads: int) -> dict:
+    """Environment of a fresh benchmark worker process: pinned threads, offline, quiet."""
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
+                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1",
+                HF_DATASETS_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
+
+
+def train_ours(policy, ex: list, pad_id: int, dcfg, *, autocast_factory=None, on_start=None) -> dict:
+    """Our DPOTrainer on ``ex``: reference log-probs precomputed with the (initial) policy itself (timed apart),
+    then ``dcfg.max_steps`` steps; returns step times (between consecutive step ends), history, precompute time.
+    ``on_start()`` runs just before the timed loop (peak-RSS reset)."""
+    import contextlib
+
+    from methods.dpo.trainer import DPOTrainer, compute_reference_logps
+
+    ac = autocast_factory or contextlib.nullcontext
+    t = time.perf_counter()  # pi_ref == the initial policy: compute the reference with it, keep no copy
+    ref = compute_reference_logps(policy, ex, pad_id=pad_id, batch_size=64, autocast=ac(), layout=dcfg.layout)
+    precompute_s = time.perf_counter() - t
+    trainer = DPOTrainer(policy, ex, ref, dcfg, pad_id=pad_id, autocast=ac())
+    ends: list[float] = []
+    if on_start is not None:
+        on_start()
+    t0 = time.perf_counter()
+    hist = trainer.train(on_log=lambda rec: ends.append(time.perf_counter()))
+    return {"step_s": intervals(t0, ends), "history": hist, "ref_precompute_s": precompute_s}
+
+
+def train_floor(policy, ex: list, pad_id: int, *, batch_size: int, total_steps: int, lr: float,
+                grad_clip: float = 1.0, on_start=None) -> dict:
+    """The DPO compute floor as usually defined: forward + backward + clip + AdamW step of the policy alone on
+    the padded [2B, T] batch of each step's pairs (chosen rows then rejected rows, sequential batches), no
+    reference, a trivial loss (mean sequence log-prob). Returns step times, losses, first-step log-probs."""
+    import torch
+
+    from methods.dpo.batching import padded_batch, padded_logps
+
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    B = batch_size
+    policy.train()
+    losses, ends, first = [], [], None
+    if on_start is not None:
+        on_start()
+    t0 = time.perf_counter()
+    for s in range(total_steps):
+        batch = padded_batch(ex[s * B : (s + 1) * B], pad_id)
+        opt.zero_grad(set_to_none=True)
+        cs, rs, _, _ = padded_logps(policy, batch)
+        loss = -(cs.sum() + rs.sum()) / (2 * B)  # trivial loss on the sequence log-probs
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
+        opt.step()
+        losses.append(loss.item())
+        if first is None:
+            first = (cs.detach().mean().item(), rs.detach().mean().item())
+        ends.append(time.perf_counter())
+    return {"step_s": intervals(t0, ends), "losses": losses, "first_logps_chosen": first[0],
+            "first_logps_rejected": first[1]}
+
+
+# ================================================================================================ worker
 
 
 def _worker_setup(cfg: dict):
@@ -185,65 +262,45 @@ def _dpo_config(cfg: dict, layout: str):
 
 
 def _run_ours(cfg: dict, workdir: Path, rows: list[dict], *, layout: str, bf16: bool) -> dict:
-    import contextlib
-
     import torch
 
     from benchmarks.tasks.models import load_causal_lm
     from benchmarks.utils import peak_rss_mb, reset_peak_rss
-    from methods.dpo.trainer import DPOTrainer, compute_reference_logps, tokenize_pairs
+    from methods.dpo.trainer import tokenize_pairs
 
     policy, tok = load_causal_lm(workdir / "model", local_only=True)
     dcfg = _dpo_config(cfg, layout)
     ex, _ = tokenize_pairs(tok, rows, max_length=dcfg.max_length, truncation_mode=dcfg.truncation_mode)
-    ac = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-    t = time.perf_counter()  # pi_ref == the initial policy: compute the reference with it, keep no copy
-    ref = compute_reference_logps(policy, ex, pad_id=tok.pad_token_id, batch_size=64, autocast=ac(), layout=layout)
-    precompute_s = time.perf_counter() - t
-    process_peak_setup = peak_rss_mb()
-    trainer = DPOTrainer(policy, ex, ref, dcfg, pad_id=tok.pad_token_id, autocast=ac())
-    ends: list[float] = []
-    reset_ok = reset_peak_rss()
-    t0 = time.perf_counter()
-    hist = trainer.train(on_log=lambda rec: ends.append(time.perf_counter()))
-    return {"step_s": _intervals(t0, ends), "losses": [h["loss"] for h in hist],
+    ac = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else None
+    mark: dict = {}
+
+    def start():
+        mark["setup"], mark["reset"] = peak_rss_mb(), reset_peak_rss()
+
+    out = train_ours(policy, ex, tok.pad_token_id, dcfg, autocast_factory=ac, on_start=start)
+    hist = out["history"]
+    return {"step_s": out["step_s"], "losses": [h["loss"] for h in hist],
             "first_logps_chosen": hist[0]["logps/chosen"], "first_logps_rejected": hist[0]["logps/rejected"],
-            "ref_precompute_s": precompute_s, "peak_rss_mb": peak_rss_mb(), "peak_rss_reset": reset_ok,
-            "setup_peak_rss_mb": process_peak_setup}
+            "ref_precompute_s": out["ref_precompute_s"], "peak_rss_mb": peak_rss_mb(), "peak_rss_reset": mark["reset"],
+            "setup_peak_rss_mb": mark["setup"]}
 
 
 def _run_floor(cfg: dict, workdir: Path, rows: list[dict]) -> dict:
-    import torch
-
     from benchmarks.tasks.models import load_causal_lm
     from benchmarks.utils import peak_rss_mb, reset_peak_rss
-    from methods.dpo.batching import padded_batch, padded_logps
     from methods.dpo.trainer import tokenize_pairs
 
     policy, tok = load_causal_lm(workdir / "model", local_only=True)
     ex, _ = tokenize_pairs(tok, rows, max_length=cfg["max_length"], truncation_mode="keep_start")
-    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg["lr"], weight_decay=0.0)
-    B, total = cfg["batch_size"], cfg["warmup_steps"] + cfg["steps"]
-    process_peak_setup = peak_rss_mb()
-    policy.train()
-    losses, ends, first = [], [], None
-    reset_ok = reset_peak_rss()
-    t0 = time.perf_counter()
-    for s in range(total):
-        batch = padded_batch(ex[s * B : (s + 1) * B], tok.pad_token_id)
-        opt.zero_grad(set_to_none=True)
-        cs, rs, _, _ = padded_logps(policy, batch)
-        loss = -(cs.sum() + rs.sum()) / (2 * B)  # trivial loss on the sequence log-probs
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        if first is None:
-            first = (cs.detach().mean().item(), rs.detach().mean().item())
-        ends.append(time.perf_counter())
-    return {"step_s": _intervals(t0, ends), "losses": losses, "first_logps_chosen": first[0],
-            "first_logps_rejected": first[1], "ref_precompute_s": None, "peak_rss_mb": peak_rss_mb(),
-            "peak_rss_reset": reset_ok, "setup_peak_rss_mb": process_peak_setup}
+    mark: dict = {}
+
+    def start():
+        mark["setup"], mark["reset"] = peak_rss_mb(), reset_peak_rss()
+
+    out = train_floor(policy, ex, tok.pad_token_id, batch_size=cfg["batch_size"],
+                      total_steps=cfg["warmup_steps"] + cfg["steps"], lr=cfg["lr"], on_start=start)
+    return {**out, "ref_precompute_s": None, "peak_rss_mb": peak_rss_mb(), "peak_rss_reset": mark["reset"],
+            "setup_peak_rss_mb": mark["setup"]}
 
 
 def _run_trl(cfg: dict, workdir: Path, rows: list[dict], *, precompute: bool) -> dict:
@@ -298,17 +355,13 @@ def _run_trl(cfg: dict, workdir: Path, rows: list[dict], *, precompute: bool) ->
     logs = rec["logs"]
     if len(logs) != total or len(rec["ends"]) != total:
         raise RuntimeError(f"TRL ran {len(rec['ends'])} steps / logged {len(logs)}, expected {total}")
-    return {"step_s": _intervals(rec["t0"], rec["ends"]),
+    return {"step_s": intervals(rec["t0"], rec["ends"]),
             "core_step_s": [e - b for b, e in zip(rec["begins"], rec["ends"], strict=True)],
             "losses": [g["loss"] for g in logs], "first_logps_chosen": logs[0].get("logps/chosen"),
             "first_logps_rejected": logs[0].get("logps/rejected"),
             "ref_precompute_s": pre["s"] if precompute else None, "trainer_init_s": init_s,
             "peak_rss_mb": peak_rss_mb(), "peak_rss_reset": rec.get("reset", False),
             "setup_peak_rss_mb": process_peak_setup}
-
-
-def _intervals(t0: float, ends: list[float]) -> list[float]:
-    return [b - a for a, b in zip([t0, *ends[:-1]], ends, strict=True)]
 
 
 def run_worker(variant: str, workdir: Path, result: Path) -> None:
@@ -333,18 +386,16 @@ def run_worker(variant: str, workdir: Path, result: Path) -> None:
     w = cfg["warmup_steps"]
     out.update(variant=variant, pid=os.getpid(), threads=torch.get_num_threads(), total_s=time.perf_counter() - t,
                load_avg_start=load_start, load_avg_end=os.getloadavg()[0],
-               s_per_step=_median(out["step_s"][w:]), first_loss=out["losses"][0],
+               s_per_step=median(out["step_s"][w:]), first_loss=out["losses"][0],
                process_peak_rss_mb=max(out["setup_peak_rss_mb"], peak_rss_mb()))
     if "core_step_s" in out:
-        out["core_s_per_step"] = _median(out["core_step_s"][w:])
+        out["core_s_per_step"] = median(out["core_step_s"][w:])
     atomic_write_json(result, out)
 
 
 # ================================================================================================ driver
 def _spawn(variant: str, workdir: Path, result: Path, threads: int, timeout: float) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1",
-               HF_DATASETS_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
+    env = worker_env(threads)
     cmd = [sys.executable, "-m", "benchmarks.perf.dpo_vs_trl", "--worker", variant, "--workdir", str(workdir),
            "--result", str(result)]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -372,32 +423,25 @@ def _provenance(threads: int) -> dict:
             "argv": sys.argv[1:]}
 
 
-def _stats(xs: list[float]) -> dict:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return {"min": None, "median": None, "max": None, "values": []}
-    return {"min": min(xs), "median": _median(xs), "max": max(xs), "values": xs}
-
-
 def summarise(cfg: dict, work: dict, runs: dict[str, list[dict]], provenance: dict) -> dict:
     tps = work["tokens_per_step"]
     per: dict[str, dict] = {}
     for v, rs in runs.items():
-        s = _stats([r["s_per_step"] for r in rs])
+        s = stats([r["s_per_step"] for r in rs])
         per[v] = {
             "s_per_step": s,
             "tokens_per_s": tps / s["median"] if s["median"] else None,
-            "peak_rss_mb": _stats([r["peak_rss_mb"] for r in rs]),
-            "process_peak_rss_mb": _stats([r["process_peak_rss_mb"] for r in rs]),
-            "ref_precompute_s": _stats([r.get("ref_precompute_s") for r in rs]),
+            "peak_rss_mb": stats([r["peak_rss_mb"] for r in rs]),
+            "process_peak_rss_mb": stats([r["process_peak_rss_mb"] for r in rs]),
+            "ref_precompute_s": stats([r.get("ref_precompute_s") for r in rs]),
             "first_loss": rs[0]["first_loss"],
             "first_logps_chosen": rs[0]["first_logps_chosen"],
             "first_logps_rejected": rs[0]["first_logps_rejected"],
             "losses": rs[0]["losses"],
         }
         if any("core_s_per_step" in r for r in rs):
-            per[v]["core_s_per_step"] = _stats([r.get("core_s_per_step") for r in rs])
-            per[v]["trainer_init_s"] = _stats([r.get("trainer_init_s") for r in rs])
+            per[v]["core_s_per_step"] = stats([r.get("core_s_per_step") for r in rs])
+            per[v]["trainer_init_s"] = stats([r.get("trainer_init_s") for r in rs])
 
     def med(v: str, key: str = "s_per_step"):
         return per[v][key]["median"] if v in per else None

@@ -43,21 +43,51 @@ def padded_logps(model, batch: dict[str, torch.Tensor]):
 
 
 # ------------------------------------------------------------------------------------------------ packed
-def packed_batch(examples: list[PairExample], pad_id: int, pack_len: int | None = None) -> dict[str, torch.Tensor]:
-    """Pack pairs into rows; returns input ids, position ids, a boolean 4D mask and the gather indices."""
-    if pack_len is None:
-        pack_len = sum(e.n_tokens_packed for e in examples)
+def _fill_rows(sizes: list[int], cap: int) -> list[list[int]]:
+    """Pairs back to back in input order, a new row whenever the next pair would pass ``cap`` tokens."""
     rows: list[list[int]] = [[]]
-    for i, e in enumerate(examples):
-        if e.n_tokens_packed > pack_len:
-            raise ValueError(f"pair {i} has {e.n_tokens_packed} tokens, more than pack_len={pack_len}")
-        if len(rows[-1]) + e.n_tokens_packed > pack_len:
+    used = 0
+    for i, n in enumerate(sizes):
+        if rows[-1] and used + n > cap:
             rows.append([])
+            used = 0
         rows[-1].append(i)
-    R, T = len(rows), max(sum(examples[i].n_tokens_packed for i in r) for r in rows)
+        used += n
+    return rows
+
+
+def pack_rows(sizes: list[int], pack_len: int) -> list[list[int]]:
+    """Pair indices per row: pairs back to back in input order, the fewest rows of at most ``pack_len`` tokens,
+    balanced (the smallest row length that needs no more rows). Attention costs T^2 per row, so one long row and a
+    short remainder is the slowest way to hold them; the log-probs do not depend on the arrangement (each pair
+    attends only to itself), up to float rounding."""
+    for i, n in enumerate(sizes):
+        if n > pack_len:
+            raise ValueError(f"pair {i} has {n} tokens, more than pack_len={pack_len}")
+    n_rows = len(_fill_rows(sizes, pack_len))  # greedy filling needs the fewest rows
+    lo, hi = max(sizes, default=0), pack_len  # the row count only falls as the cap grows: bisect the cap
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(_fill_rows(sizes, mid)) <= n_rows:
+            hi = mid
+        else:
+            lo = mid + 1
+    return _fill_rows(sizes, lo)
+
+
+def packed_batch(examples: list[PairExample], pad_id: int, pack_len: int | None = None) -> dict[str, torch.Tensor]:
+    """Pack pairs into rows (:func:`pack_rows`); returns input ids, position ids, a boolean 4D mask and the
+    gather indices."""
+    sizes = [e.n_tokens_packed for e in examples]
+    rows = pack_rows(sizes, sum(sizes) if pack_len is None else pack_len)
+    R, T = len(rows), max(sum(sizes[i] for i in r) for r in rows)
     ids = torch.full((R, T), pad_id, dtype=torch.long)
     pos = torch.zeros((R, T), dtype=torch.long)
-    allow = torch.zeros((R, T, T), dtype=torch.bool)
+    # per position: its pair (-1: padding) and branch (0 prompt, 1 chosen, 2 rejected); the mask is built from
+    # them in one vectorised expression (a per-pair loop of small tril/slice writes cost more than the forward
+    # on a busy 2-thread CPU)
+    pair = torch.full((R, T), -1, dtype=torch.long)
+    branch = torch.zeros((R, T), dtype=torch.long)
     # prediction sites: flat index of the position whose logits predict each completion token, and the token
     pred_c, tgt_c, seg_c, pred_r, tgt_r, seg_r = [], [], [], [], [], []
     for r, members in enumerate(rows):
@@ -65,17 +95,12 @@ def packed_batch(examples: list[PairExample], pad_id: int, pack_len: int | None 
         for i in members:
             e = examples[i]
             p, c, q = len(e.prompt), len(e.chosen), len(e.rejected)
-            P, C, Q = slice(o, o + p), slice(o + p, o + p + c), slice(o + p + c, o + p + c + q)
-            ids[r, P], ids[r, C], ids[r, Q] = torch.tensor(e.prompt), torch.tensor(e.chosen), torch.tensor(e.rejected)
-            pos[r, P] = torch.arange(p)
-            pos[r, C] = torch.arange(p, p + c)
-            pos[r, Q] = torch.arange(p, p + q)
-            tri = lambda n: torch.ones(n, n, dtype=torch.bool).tril()  # noqa: E731 - causal block
-            allow[r, P, P] = tri(p)
-            allow[r, C, P] = True
-            allow[r, C, C] = tri(c)
-            allow[r, Q, P] = True
-            allow[r, Q, Q] = tri(q)
+            n = p + c + q
+            ids[r, o : o + n] = torch.tensor(e.prompt + e.chosen + e.rejected)
+            pos[r, o : o + n] = torch.cat([torch.arange(p + c), torch.arange(p, p + q)])
+            pair[r, o : o + n] = i
+            branch[r, o + p : o + p + c] = 1
+            branch[r, o + p + c : o + n] = 2
             base = r * T
             # chosen token j is predicted by the previous token of its branch: last prompt token for j = 0
             pred_c += [base + o + p - 1] + [base + o + p + j - 1 for j in range(1, c)]
@@ -84,10 +109,14 @@ def packed_batch(examples: list[PairExample], pad_id: int, pack_len: int | None 
             tgt_r += e.rejected
             seg_c += [i] * c
             seg_r += [i] * q
-            o += p + c + q
-        allow[r, o:, :] = False
-        idx = torch.arange(T)
-        allow[r, idx[o:], idx[o:]] = True  # padding rows attend to themselves only (no NaN in softmax)
+            o += n
+    # query i may attend key j: same pair, j <= i, and j is a prompt token or in i's own branch (chosen never sees
+    # rejected and vice versa); padding attends to itself only (no NaN in softmax)
+    idx = torch.arange(T)
+    q_pair, k_pair = pair[:, :, None], pair[:, None, :]
+    q_br, k_br = branch[:, :, None], branch[:, None, :]
+    allow = (q_pair == k_pair) & (idx[None, :, None] >= idx[None, None, :]) & ((k_br == 0) | (k_br == q_br))
+    allow &= (q_pair >= 0) | (idx[:, None] == idx[None, :])  # padding query: the diagonal only
     return {"input_ids": ids, "position_ids": pos, "attention_mask": allow[:, None, :, :],
             "pred_c": torch.tensor(pred_c), "tgt_c": torch.tensor(tgt_c), "seg_c": torch.tensor(seg_c),
             "pred_r": torch.tensor(pred_r), "tgt_r": torch.tensor(tgt_r), "seg_r": torch.tensor(seg_r),

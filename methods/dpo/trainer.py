@@ -113,14 +113,21 @@ class DPOConfig:
 # ------------------------------------------------------------------------------------------------ data
 @torch.no_grad()
 def compute_reference_logps(ref_model, examples: list[PairExample], *, pad_id: int, batch_size: int = 64,
-                            autocast=None, layout: str = "packed") -> dict[str, torch.Tensor]:
-    """Reference log-probs (sum and mean) of every pair, computed once: {'chosen', 'rejected', *_mean} [N]."""
+                            autocast=None, layout: str = "packed", pack_len: int | None = None) -> dict[str, torch.Tensor]:
+    """Reference log-probs (sum and mean) of every pair, computed once: {'chosen', 'rejected', *_mean} [N].
+
+    ``pack_len``: row length of the packed layout; None = the trainer's default (``DPOConfig.pack_len``, or the
+    longest pair if longer): rows of at most that many tokens, not one row per batch (attention is quadratic in
+    the row length: a 64-pair row took ~1.8x a padded forward of the same pairs). The log-probs do not depend on
+    it beyond float rounding."""
     ref_model.eval()
     device = next(ref_model.parameters()).device
     ctx = autocast if autocast is not None else contextlib.nullcontext()
+    if pack_len is None:
+        pack_len = max([DPOConfig.pack_len, *(e.n_tokens_packed for e in examples)])
     parts: list[tuple[torch.Tensor, ...]] = []
     for i in range(0, len(examples), batch_size):
-        b = batch_to(make_batch(examples[i : i + batch_size], pad_id, layout), device)
+        b = batch_to(make_batch(examples[i : i + batch_size], pad_id, layout, pack_len), device)
         with ctx:
             parts.append(tuple(t.float().cpu() for t in pair_logps(ref_model, b)))
     cs, rs, cm, rm = (torch.cat([p[k] for p in parts]) for k in range(4))

@@ -9,7 +9,8 @@ One iteration (= one rollout batch):
                 optional missing-EOS penalty ([TRL-ppov2] ``missing_eos_penalty``)
   3. forwards   one forward each of policy (old log-probs), reference (ref log-probs) and value model (values)
                 over right-padded prompt+completion rows built by ``methods.data.collate``; log-probs through
-                ``methods.logprobs.token_logps`` on logits / temperature ([N-details] "temperature scaling")
+                the shared core ``methods.logprobs.logps_at`` (``_token_logps``: ``token_logps`` without copying
+                the logits) on logits / temperature ([N-details] "temperature scaling")
   4. advantages per-token reward = score at the last token - beta * KL_t (``ppo_core.compute_rewards``),
                 optional reward whitening, GAE (gamma, lam), advantage whitening over the rollout batch
   5. update     ``ppo_epochs`` passes over shuffled minibatches: clipped policy loss + vf_coef * clipped value
@@ -62,7 +63,7 @@ import torch
 from methods.checkpointing import CheckpointMixin, check_same_config, rng_state, set_rng_state
 from methods.data import collate
 from methods.distributed import Dist
-from methods.logprobs import IGNORE_INDEX, token_logps
+from methods.logprobs import IGNORE_INDEX, logps_at
 from methods.rlhf import ppo_core
 from methods.rlhf.ppo_core import (
     AdaptiveKLController,
@@ -221,6 +222,21 @@ class _Timers:
             self.t[key] = self.t.get(key, 0.0) + time.perf_counter() - t0
 
 
+def _token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``methods.logprobs.token_logps`` (same core, ``logps_at``; bitwise the same log-probs and gradients) without
+    copying the shifted [B, T-1, V] slice of the logits: every row of the contiguous [B*T, V] logits is scored (the
+    last position, which predicts nothing, against token 0) and the last column dropped after. Returns
+    (logps [B, T-1] zero where masked, mask [B, T-1] float)."""
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on [B, T]")
+    B, T, V = logits.shape
+    tgt = labels[:, 1:]  # position t predicts token t + 1
+    mask = tgt != IGNORE_INDEX
+    safe = torch.cat([torch.where(mask, tgt, torch.zeros_like(tgt)), tgt.new_zeros(B, 1)], dim=1)  # [B, T]
+    logps = logps_at(logits.reshape(B * T, V), safe.reshape(-1)).view(B, T)[:, :-1]
+    return logps * mask, mask.to(logps.dtype)
+
+
 def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
@@ -377,7 +393,7 @@ class PPOTrainer(CheckpointMixin):
         logits = out.logits  # [B, T, V]
         if self.cfg.temperature != 1.0:
             logits = logits.float() / self.cfg.temperature  # [N-details] logits /= temperature
-        lp, mask = token_logps(logits, labels)  # the shared log-prob path, [B, T-1]
+        lp, mask = _token_logps(logits, labels)  # the shared log-prob path, [B, T-1]
         values = None
         if shared:
             h = out.hidden_states[-1][:, :-1]  # [B, T-1, H]: state before each predicted token
@@ -385,7 +401,8 @@ class PPOTrainer(CheckpointMixin):
         ent = None
         if want_entropy:
             with torch.no_grad():
-                ent = masked_mean(entropy_from_logits(logits[:, :-1].detach()), mask)
+                # the mean over scored positions, computed at those positions only (not prompt / padding)
+                ent = entropy_from_logits(logits[:, :-1].detach()[mask.bool()]).mean()
         return lp, mask, values, ent
 
     def _values(self, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
@@ -549,7 +566,7 @@ class PPOTrainer(CheckpointMixin):
                     ref_logits = self.ref_model(input_ids=ids[sl], attention_mask=attn[sl], use_cache=False).logits
                 if cfg.temperature != 1.0:
                     ref_logits = ref_logits.float() / cfg.temperature
-                rlp, _ = token_logps(ref_logits, labels[sl])
+                rlp, _ = _token_logps(ref_logits, labels[sl])
                 if v is None:
                     v = self._values(ids[sl], attn[sl])
                 lps.append(lp), refs.append(rlp), vals.append(v), masks.append(mask)
