@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from benchmarks.errors import ConfigError, check
+from benchmarks.tasks.gold import valid_scorer
 from benchmarks.tasks.registry import TASKS
 from methods.dpo.trainer import DPOConfig
 from methods.lora import LoRAConfig
@@ -73,6 +74,11 @@ class TaskConfig:
     'hf:siebert/sentiment-roberta-large-english'; score = 2 P(positive) - 1), or 'hf-rm:<reward model name or
     path>': a judge reward model (one output, num_labels = 1) scoring (prompt, response), e.g.
     'hf-rm:OpenAssistant/reward-model-deberta-v3-large-v2'. The 'dialogue' task needs an 'hf-rm:' judge."""
+    judges: list[str] | None = None
+    """Second scorers of the same property, applied to every evaluation sample when the tables are built (no stage
+    re-runs): the judge-robustness claim asks whether the verdict's ordering survives them. Same names as `gold`
+    ('textblob', 'vader', 'hf:...', 'hf-rm:...'); None = the task's own default ('sentiment': ['textblob'],
+    'dialogue': none); [] = no second judge."""
     dataset: str = ""
     """'dialogue' only: an HH-format preference dataset, 'hf:<hub name or local folder in the hub layout>' (e.g.
     'hf:Anthropic/hh-rlhf'), whose 'chosen'/'rejected' columns hold whole conversations
@@ -101,8 +107,13 @@ class TaskConfig:
 
     def validate(self, key: str) -> None:
         _check(self.name in TASKS, f"{key}.name", f"unknown task {self.name!r}; registered tasks: {sorted(TASKS)}")
-        _check(self.gold == "vader" or (self.gold.startswith(("hf:", "hf-rm:")) and len(self.gold.split(":", 1)[1]) > 0),
-               f"{key}.gold", f"must be 'vader', 'hf:<classifier name or path>' or 'hf-rm:<reward model name or path>', got {self.gold!r}")
+        _check(valid_scorer(self.gold), f"{key}.gold", f"must be 'vader', 'textblob', 'hf:<classifier name or path>' or "
+                                                        f"'hf-rm:<reward model name or path>', got {self.gold!r}")
+        for i, j in enumerate(self.judges or []):
+            _check(valid_scorer(j), f"{key}.judges[{i}]", f"must be 'vader', 'textblob', 'hf:<classifier>' or "
+                                                          f"'hf-rm:<reward model>', got {j!r}")
+            _check(j != self.gold, f"{key}.judges[{i}]", f"{j!r} is the gold reward itself; a second judge must be another "
+                                                         f"scorer (e.g. 'textblob' beside 'vader')")
         _check(self.max_human_turns >= 0, f"{key}.max_human_turns", f"must be >= 0 (0 = no filter), got {self.max_human_turns}")
         _check(1 <= self.prompt_min_tokens <= self.prompt_max_tokens, f"{key}.prompt_min_tokens",
                f"need 1 <= prompt_min_tokens <= prompt_max_tokens, got {self.prompt_min_tokens}, {self.prompt_max_tokens}")

@@ -51,6 +51,10 @@ def collect(h, run_dir: Path) -> dict:
     if "sft" not in evals:
         raise RuntimeError("the reference (eval/sft) was not evaluated; every comparison needs it")
     samples = pd.concat([pd.read_parquet(r.path / "samples.parquet") for r in evals.values()], ignore_index=True)
+    from benchmarks.tasks.registry import add_judge_scores
+
+    samples = add_judge_scores(h.cfg.task, samples)  # second judges of the same property (the judge claim)
+    judge_cols = [c for c in samples.columns if c.startswith("judge:")]
     chosen = pd.read_parquet(res["evalref"].path / "chosen.parquet") if "evalref" in res else None
     key = ["prompt_id", "temperature", "sample_index"]
     sft = samples[samples.arm == "sft"].set_index(key)
@@ -70,6 +74,7 @@ def collect(h, run_dir: Path) -> dict:
                             g.completion.tolist(), seed=h.cfg.eval.seed)
             m["gold_minus_sft"] = m["gold"] - float(ref.gold.mean())
             m["outside_noise"] = bool(abs(m["gold_minus_sft"]) > NOISE["gold"] and abs(m["win_vs_sft"] - 0.5) > NOISE["win_vs_sft"])
+            m.update({c: float(g[c].mean()) for c in judge_cols})
             rows.append({"arm": arm, "temperature": temp, **meta, **m,
                          "eval_generation_s": r.summary.get("generation_s"), "eval_new_tokens": r.summary.get("new_tokens")})
     summary = pd.DataFrame(rows)
@@ -106,6 +111,7 @@ def collect(h, run_dir: Path) -> dict:
     out["claims"] = run_claims(Tables(summary, samples, curves, {n[4:]: r.summary for n, r in res.items() if n.startswith("arm/")},
                                       temperature=t_main, dtype=h.cfg.dtype, seed=h.cfg.eval.seed))
     out["verdict"]["claims"] = count(out["claims"])
+    out["verdict"]["judge"] = next((c for c in out["claims"] if c["id"] == "judge_robustness"), None)
     out["verdict"]["text"] = verdict_text(out["verdict"])
     utils.atomic_write_json(run_dir / "summary.json", out)
     return out

@@ -25,7 +25,8 @@ def _arm(rows, samples, rng, arm, m, cfg, seed, kl, gold, *, T=1.0, length=12.0,
 
 
 def tables(dpo_shift=0.0, *, methods=("dpo", "ppo"), seeds=(0, 1, 2), temps=(1.0,), ppo_temp_slope=0.0,
-           strong_shift=None, oracle_shift=None, ppo_bend=0.0, dpo_len=12.0, len_effect=0.0):
+           strong_shift=None, oracle_shift=None, ppo_bend=0.0, dpo_len=12.0, len_effect=0.0, others=None):
+    """``others``: {arm prefix: (method, gold shift)}: more families on the same gold = 0.08 KL line."""
     rng = np.random.default_rng(1)
     rows, samples = [], []
     for T in temps:
@@ -51,6 +52,9 @@ def tables(dpo_shift=0.0, *, methods=("dpo", "ppo"), seeds=(0, 1, 2), temps=(1.0
                 if oracle_shift is not None:
                     _arm(rows, samples, rng, f"ppogt-t{kl}-s{seed}", "ppo_gt", f"ppogt-t{kl}", seed, kl,
                          0.08 * kl + oracle_shift, T=T, target_kl=kl)
+                for prefix, (m, shift) in (others or {}).items():
+                    _arm(rows, samples, rng, f"{prefix}-b{kl}-s{seed}", m, f"{prefix}-b{kl}", seed, kl,
+                         0.08 * kl + shift, T=T, beta=1 / kl)
     return pd.DataFrame(rows), pd.DataFrame(samples)
 
 
@@ -133,6 +137,21 @@ def test_ppo_variant_claims(cid, kw, shift, status):
     assert run(cid, s, smp)["status"] == status
 
 
+@pytest.mark.parametrize("shift,status", [(0.2, "holds"), (-0.2, "fails"), (0.0, "inconclusive")])
+def test_ladder_claims(shift, status):
+    # RLOO vs PPO on the same line, RLOO moved by shift
+    s, smp = tables(0.0, others={"rloo": ("rloo", shift)})
+    r = run("rloo_ge_ppo", s, smp)
+    assert r["status"] == status and "RLOO" in r["sentence"], r
+    # online DPO: only its online end (s < inf) counts; the s = inf arms sit 0.5 above DPO and must not decide it
+    s, smp = tables(0.0, others={"odpo-s1": ("online_dpo", shift), "odpo-sinf": ("online_dpo", 0.5)})
+    r = run("online_dpo_ge_offline_dpo", s, smp)
+    assert r["status"] == status, r
+    assert "Online DPO (s < inf)'s" in r["sentence"] and not any("sinf" in a for a in r["arms"])
+    s, smp = tables(0.0)
+    assert "not testable" in run("online_dpo_ge_offline_dpo", s, smp)["sentence"]
+
+
 @pytest.mark.parametrize("bend,status", [(0.3, "holds"), (-0.3, "fails"), (0.0, "inconclusive")])
 def test_gao_claim(bend, status):
     s, smp = tables(0.0, ppo_bend=bend)
@@ -157,6 +176,37 @@ def test_length_control_claim():
     assert run("ordering_survives_length_control", s, smp)["status"] == "holds"
     s, smp = tables(0.0)
     assert run("ordering_survives_length_control", s, smp)["status"] == "inconclusive"
+
+
+@pytest.mark.parametrize("judge_delta,status", [(0.0, "holds"), (-0.2, "fails"), (-0.1, "inconclusive")])
+def test_judge_robustness_claim(judge_delta, status):
+    # gold: DPO 0.1 above PPO; the second judge sees DPO's samples shifted by judge_delta (-0.2: reversed, -0.1: tied)
+    s, smp = tables(0.1)
+    smp["judge:lex"] = smp.gold + np.where(smp.arm.str.startswith("dpo"), judge_delta, 0.0)
+    r = run("judge_robustness", s, smp)
+    assert r["status"] == status, r
+    (row,) = r["comparisons"]
+    assert row["gold_gap"] == pytest.approx(0.1, abs=0.02)
+    assert row["judge_gap"] == pytest.approx(0.1 + judge_delta, abs=0.02)
+    assert r["statistic"] == row["judge_gap"] and row["judge"] == "lex"
+    # where the judges disagree: the same scores rank samples identically; a shift of DPO's moves their ranks
+    d = r["disagreement"]["lex"]
+    assert (d["spearman"] == pytest.approx(1.0)) == (judge_delta == 0.0)
+    assert (d["sign_disagreement"] == 0.0) or judge_delta < 0
+    # gold orders nothing: nothing to survive
+    s0, smp0 = tables(0.0)
+    smp0["judge:lex"] = smp0.gold - 0.3 * smp0.arm.str.startswith("dpo")
+    assert run("judge_robustness", s0, smp0)["status"] == "inconclusive"
+    # no judge column: not testable, and it says so
+    assert "task.judges" in run("judge_robustness", s, smp.drop(columns="judge:lex"))["sentence"]
+
+
+def test_textblob_judge_scores_the_same_property_offline():
+    from benchmarks.tasks.gold import gold_reward
+
+    pos, neg, flat = gold_reward(["a wonderful, lovely day", "a terrible, awful day", "the table"], scorer="textblob")
+    assert pos > 0.5 and neg < -0.5 and flat == 0.0
+    assert gold_reward(["a wonderful day"], target="negative", scorer="textblob")[0] == -gold_reward(["a wonderful day"], scorer="textblob")[0]
 
 
 def test_gate_requires_chosen_claims():

@@ -33,6 +33,8 @@ def test_every_shipped_suite_resolves():
         ("dpo.variants=[kto]", "dpo.variants[0]"),
         ("task.name=nope", "task.name"),
         ("arms.nope.x=1", "arms.nope"),
+        ("task.judges=[lexico]", "task.judges[0]"),
+        ("task.judges=[vader]", "task.judges[0]"),  # the gold reward itself is no second judge
     ],
 )
 def test_bad_values_name_the_key(override, key):

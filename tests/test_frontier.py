@@ -133,3 +133,21 @@ def test_compare_reports_where_the_envelopes_cross():
     from benchmarks.evaluators.verdict import gap_sentence
 
     assert "the envelopes cross at KL 3.0: A is above before, B after" in gap_sentence("A", "B", r, "kl")
+
+
+def test_verdict_says_when_a_second_judge_reverses_the_ordering():
+    from benchmarks.evaluators.claims import Tables, run_claims
+
+    samples, summary = _tables(0.15)
+    # the second judge scores DPO's samples 0.3 lower: DPO above PPO under gold, below under the judge
+    samples["judge:lex"] = samples.gold - 0.3 * samples.arm.str.startswith("dpo")
+    v = build_verdict(samples, summary, suite="x", temperature=1.0, n_boot=300)
+    (v["judge"],) = run_claims(Tables(summary, samples, n_boot=300), only=["judge_robustness"])
+    assert v["judge"]["status"] == "fails"
+    text = verdict_text(v)
+    assert "Under a second judge (lex) the DPO-vs-PPO gap at matched KL is -0.15" in text
+    assert text.endswith("the ordering reverses. PPO seeds landing within \u00b125% of their target KL: 6/9.")
+    # an agreeing judge adds nothing to the paragraph
+    samples["judge:lex"] = samples.gold
+    (v["judge"],) = run_claims(Tables(summary, samples, n_boot=300), only=["judge_robustness"])
+    assert v["judge"]["status"] == "holds" and "second judge" not in verdict_text(v)

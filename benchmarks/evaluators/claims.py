@@ -96,21 +96,25 @@ def count(claims: list[dict]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _frontier_claim(t: Tables, a: str, b: str, what: str) -> dict:
-    """"a's frontier >= b's at matched KL", from the verdict's envelopes (mean gap over the KL overlap)."""
+def _frontier_claim(t: Tables, a: str, b: str, what: str, keep=None, a_label: str | None = None) -> dict:
+    """"a's frontier >= b's at matched KL", from the verdict's envelopes (mean gap over the KL overlap).
+    ``keep(summary) -> bool mask``: only those rows (e.g. one end of a family's grid)."""
     from benchmarks.arms.registry import method
     from benchmarks.evaluators.verdict import family_configs, gap_sentence
 
     s = t.at_t()
+    if keep is not None and not s.empty:
+        s = s[keep(s)]
     smp = t.samples[np.isclose(t.samples.temperature, t.temperature)]
     have = set(s.method)
     if a not in have or b not in have:
         return missing(f"needs {method(a).label} and {method(b).label} arms ({what})")
     c = frontier.compare(family_configs(smp, s, a, "kl"), family_configs(smp, s, b, "kl"), n_boot=t.n_boot, seed=t.seed)
     arms = s[s.method.isin([a, b])].arm.tolist()
+    la = a_label or method(a).label
     if c["gap"] is None:
-        return result(INCONCLUSIVE, gap_sentence(method(a).label, method(b).label, c, "kl"), arms=arms)
-    return result(by_ci(c["gap"], c["low"], c["high"]), gap_sentence(method(a).label, method(b).label, c, "kl"),
+        return result(INCONCLUSIVE, gap_sentence(la, method(b).label, c, "kl"), arms=arms)
+    return result(by_ci(c["gap"], c["low"], c["high"]), gap_sentence(la, method(b).label, c, "kl"),
                   c["gap"], c["low"], c["high"], arms, overlap=c["overlap"])
 
 
@@ -245,6 +249,20 @@ def oracle(t: Tables) -> dict:
     return _frontier_claim(t, "ppo_gt", "ppo", "the full suite has both")
 
 
+@claim("online_dpo_ge_offline_dpo", "Online DPO (sampler refreshed every s < inf iterations, RM-labelled pairs) reaches at "
+       "least offline DPO's gold at matched KL", "Lanchantin et al. 2025; Tajwar et al. 2024")
+def online_vs_offline(t: Tables) -> dict:
+    # the online end of the family only: s = inf samples pi_ref forever (its offline-like end)
+    return _frontier_claim(t, "online_dpo", "dpo", "the ladder suite has both", a_label="Online DPO (s < inf)",
+                           keep=lambda s: ~((s.method == "online_dpo") & s.arm.str.contains("-sinf-", regex=False)))
+
+
+@claim("rloo_ge_ppo", "RLOO reaches at least PPO's gold at matched KL on the same episode budget",
+       "Ahmadian et al. 2024")
+def rloo_vs_ppo(t: Tables) -> dict:
+    return _frontier_claim(t, "rloo", "ppo", "the ladder suite has both")
+
+
 @claim("ordering_survives_length_control", "The DPO-vs-PPO ordering at matched KL survives when gold is compared at "
        "matched completion length", "length-controlled win rates (Dubois et al. 2024)")
 def length_control(t: Tables) -> dict:
@@ -270,3 +288,61 @@ def length_control(t: Tables) -> dict:
     if raw_sign == INCONCLUSIVE:
         return result(INCONCLUSIVE, text + " (no ordering to survive)", ctl["gap"], ctl["low"], ctl["high"], arms)
     return result(HOLDS if ctl_sign == raw_sign else FAILS, text, ctl["gap"], ctl["low"], ctl["high"], arms)
+
+
+@claim("judge_robustness", "The verdict's ordering of the headline families at matched KL is the same under a second, "
+       "independent judge of the same property", "judge robustness (a verdict that holds for one lexicon only is "
+       "about that lexicon)")
+def judge_robustness(t: Tables) -> dict:
+    """Every pair the verdict compares (``verdict.compared_pairs``) is compared again with gold replaced by each
+    second judge's score (samples' ``judge:<name>`` columns, ``task.judges``). **Holds** when every ordering that
+    is significant under gold is significant and of the same sign under every judge; **fails** when a judge
+    reverses one (significant, opposite sign); **inconclusive** when a judge only weakens an ordering to a tie, or
+    gold orders nothing. The statistic is the first pair's gap under the first judge. Where they disagree: the
+    share of samples on which the judges' signs differ and their rank correlation over all samples."""
+    from benchmarks.arms.registry import method
+    from benchmarks.evaluators.verdict import compared_pairs, family_configs
+
+    s = t.at_t()
+    smp = t.samples[np.isclose(t.samples.temperature, t.temperature)]
+    judges = [c for c in smp.columns if c.startswith("judge:")]
+    if not judges:
+        return missing("no second judge scored the samples (task.judges is empty)")
+    pairs = compared_pairs(s)
+    if not pairs:
+        return missing("the verdict compares no families")
+    rows, worst, first = [], HOLDS, None
+    for a, b in pairs:
+        ref = frontier.compare(family_configs(smp, s, a, "kl"), family_configs(smp, s, b, "kl"), n_boot=t.n_boot, seed=t.seed)
+        if ref["gap"] is None:
+            continue
+        g_status = by_ci(ref["gap"], ref["low"], ref["high"])
+        for j in judges:
+            c = frontier.compare(family_configs(smp.assign(gold=smp[j]), s, a, "kl"),
+                                 family_configs(smp.assign(gold=smp[j]), s, b, "kl"), n_boot=t.n_boot, seed=t.seed)
+            j_status = by_ci(c["gap"], c["low"], c["high"])
+            if g_status != INCONCLUSIVE:
+                agree = HOLDS if j_status == g_status else FAILS if j_status != INCONCLUSIVE else INCONCLUSIVE
+                worst = FAILS if FAILS in (worst, agree) else INCONCLUSIVE if INCONCLUSIVE in (worst, agree) else HOLDS
+            rows.append({"a": a, "b": b, "judge": j[6:], "gold_gap": ref["gap"], "gold_low": ref["low"],
+                         "gold_high": ref["high"], "judge_gap": c["gap"], "judge_low": c["low"], "judge_high": c["high"],
+                         "gold_order": g_status, "judge_order": j_status})
+            first = first or rows[-1]
+    if not rows:
+        return result(INCONCLUSIVE, "the compared families share no KL range")
+    if all(r["gold_order"] == INCONCLUSIVE for r in rows):
+        worst = INCONCLUSIVE
+    dis = {}
+    for j in judges:
+        both = smp[(smp.gold != 0) | (smp[j] != 0)]
+        dis[j[6:]] = {"sign_disagreement": float((np.sign(both.gold) != np.sign(both[j])).mean()) if len(both) else 0.0,
+                      "spearman": float(smp.gold.rank().corr(smp[j].rank())) if smp[j].nunique() > 1 else float("nan")}
+    word = {HOLDS: "above", FAILS: "below", INCONCLUSIVE: "level with"}
+    parts = [f"{method(r['a']).label} {word[r['gold_order']]} {method(r['b']).label} under gold "
+             f"({r['gold_gap']:+.3f} [{r['gold_low']:+.3f}, {r['gold_high']:+.3f}]), {word[r['judge_order']]} under "
+             f"{r['judge']} ({r['judge_gap']:+.3f} [{r['judge_low']:+.3f}, {r['judge_high']:+.3f}])" for r in rows]
+    where = "; ".join(f"{j}: signs differ on {d['sign_disagreement']:.0%} of samples scored by either, rank "
+                      f"correlation {d['spearman']:.2f}" for j, d in dis.items())
+    arms = s[s.method.isin({x for p in pairs for x in p})].arm.tolist()
+    return result(worst, "; ".join(parts) + f". Where the judges disagree: {where}", first["judge_gap"],
+                  first["judge_low"], first["judge_high"], arms, comparisons=rows, disagreement=dis)

@@ -28,6 +28,16 @@ def compared_families(summary: pd.DataFrame) -> list[str]:
     return sorted(ms, key=lambda m: (method(m).order, m))
 
 
+def compared_pairs(summary: pd.DataFrame) -> list[tuple[str, str]]:
+    """(offline family, on-policy or reranking family) pairs the verdict compares: on-policy RL first (the headline
+    question: DPO or RLHF), then reranking."""
+    fams = compared_families(summary)
+    offline = [f for f in fams if method(f).kind == "offline_preference"]
+    others = sorted((f for f in fams if method(f).kind != "offline_preference"),
+                    key=lambda f: (method(f).kind != "on_policy_rl", method(f).order, f))
+    return [(a, b) for a in offline for b in others]
+
+
 def _per_prompt(samples: pd.DataFrame, arm: str, col: str) -> pd.Series:
     return samples[samples.arm == arm].groupby("prompt_id")[col].mean()
 
@@ -104,21 +114,16 @@ def build_verdict(samples: pd.DataFrame, summary: pd.DataFrame, *, suite: str, t
     samples = samples[np.isclose(samples.temperature, temperature)]
     summary = _configs(summary[np.isclose(summary.temperature, temperature)])
     fams = compared_families(summary)
-    offline = [f for f in fams if method(f).kind == "offline_preference"]
-    # on-policy RL first (the headline question: DPO or RLHF), then reranking
-    others = sorted((f for f in fams if method(f).kind != "offline_preference"),
-                    key=lambda f: (method(f).kind != "on_policy_rl", method(f).order, f))
     comps = []
-    for a in offline:
-        for b in others:
-            rec = {"a": a, "b": b, "a_label": method(a).label, "b_label": method(b).label}
-            for axis in ("kl", "flops"):
-                try:
-                    rec[axis] = frontier.compare(family_configs(samples, summary, a, axis),
-                                                 family_configs(samples, summary, b, axis), n_boot=n_boot, seed=seed)
-                except ValueError as e:
-                    rec[axis] = {"gap": None, "reason": str(e)}
-            comps.append(rec)
+    for a, b in compared_pairs(summary):
+        rec = {"a": a, "b": b, "a_label": method(a).label, "b_label": method(b).label}
+        for axis in ("kl", "flops"):
+            try:
+                rec[axis] = frontier.compare(family_configs(samples, summary, a, axis),
+                                             family_configs(samples, summary, b, axis), n_boot=n_boot, seed=seed)
+            except ValueError as e:
+                rec[axis] = {"gap": None, "reason": str(e)}
+        comps.append(rec)
     seeds = sorted({int(s) for s in summary[summary.method.isin(fams)].seed})
     return {"suite": suite, "temperature": float(temperature), "commit": commit,
             "n_prompts": int(samples.prompt_id.nunique()), "seeds": seeds,
@@ -197,6 +202,16 @@ def verdict_text(v: dict) -> str:
         failed = f" ({', '.join(k['failed'])})" if k.get("failed") else ""
         parts.append(f"Paper claims checked on this run: {k['holds']} hold, {k['fails']} fail{failed}, "
                      f"{k['inconclusive']} inconclusive.")
+    j = v.get("judge")
+    if j and j.get("status") != "holds" and j.get("comparisons"):
+        flips = [r for r in j["comparisons"] if r["gold_order"] != r["judge_order"]]
+        if flips:
+            r = flips[0]
+            la, lb = fams.get(r["a"], {}).get("label", r["a"]), fams.get(r["b"], {}).get("label", r["b"])
+            parts.append(f"Under a second judge ({r['judge']}) the {la}-vs-{lb} gap at matched KL is {r['judge_gap']:+.3f} "
+                         f"[{r['judge_low']:+.3f}, {r['judge_high']:+.3f}] against {r['gold_gap']:+.3f} under gold: "
+                         + ("the ordering reverses." if j["status"] == "fails" else "the ordering does not survive.")
+                         + (f" ({len(flips) - 1} more comparison(s) change.)" if len(flips) > 1 else ""))
     for m, k in v.get("kl_landing", {}).items():
         lab = fams.get(m, {}).get("label", m)
         parts.append(f"{lab} seeds landing within \u00b1{k['tolerance']:.0%} of their target KL: {k['within']}/{k['total']}.")

@@ -28,6 +28,8 @@ class Task:
     name: ClassVar[str]
     has_dataset_pairs: ClassVar[bool] = False
     """Whether ``prefs.source: dataset`` (the task's own labelled pairs) is available."""
+    default_judges: ClassVar[tuple[str, ...]] = ()
+    """Second scorers of the gold reward's property used when ``task.judges`` is unset (None)."""
 
     def validate(self, t, key: str) -> None:
         """Task-specific checks of the ``task`` section (raise ConfigError naming the dotted key)."""
@@ -48,6 +50,10 @@ class Task:
     def gold(self, t, texts: list[str], prompts: list[str]) -> list[float]:
         """Gold reward of each completion (``prompts``: one per text); default: the ``task.gold`` scorer."""
         return gold_reward(texts, t.target, t.gold, prompts=prompts)
+
+    def judge(self, t, spec: str, texts: list[str], prompts: list[str]) -> list[float]:
+        """A second judge's score of each completion: the gold reward with scorer ``spec`` instead of ``task.gold``."""
+        return gold_reward(texts, t.target, spec, prompts=prompts)
 
     def evalref(self, h, out: Path) -> dict | None:
         return None
@@ -81,6 +87,23 @@ def task_of(c_or_name: Any) -> Task:
 def task_gold(t, texts: list[str], prompts: list[str]) -> list[float]:
     """The gold reward of completions under task section ``t`` (the one entry point every arm and stage uses)."""
     return task_of(t.name).gold(t, texts, prompts)
+
+
+def task_judges(t) -> list[str]:
+    """The second judges of task section ``t``: ``t.judges``, or the task's default when unset."""
+    return list(task_of(t.name).default_judges if t.judges is None else t.judges)
+
+
+def judge_column(spec: str) -> str:
+    return f"judge:{spec}"
+
+
+def add_judge_scores(t, samples):
+    """``samples`` with one column ``judge:<spec>`` per second judge of ``t`` (scores of the same property as gold)."""
+    out = samples.copy()
+    for spec in task_judges(t):
+        out[judge_column(spec)] = task_of(t.name).judge(t, spec, out.completion.tolist(), out.prompt.tolist())
+    return out
 
 
 # ---------------------------------------------------------------------------- what task stages read back

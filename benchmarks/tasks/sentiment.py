@@ -92,6 +92,7 @@ class SentimentTask(Task):
     (VADER by default) with the sign of ``task.target``."""
 
     name = "sentiment"
+    default_judges = ("textblob",)
 
     def validate(self, t, key: str) -> None:
         check(t.corpus is not None, f"{key}.corpus", "required for task 'sentiment': give sources and task_sources")
