@@ -219,6 +219,10 @@ class DPOSection(DPOConfig):
     """The beta grid for the main DPO arm (one trained policy per beta and seed)."""
     variants: list[str] = field(default_factory=list)
     """Extra loss types run at the first beta (e.g. [ipo, hinge, robust, simpo])."""
+    epochs_grid: list[float] = field(default_factory=list)
+    """An epochs sweep on the same pairs (Azar et al. 2024: with deterministic labels DPO's KL keeps growing with
+    epochs, IPO's levels off): every loss type of the grid at every beta is also trained for each of these epoch
+    counts (arm ``dpo-<loss>-b<beta>-e<epochs>-s<seed>``; the count equal to ``epochs`` is the plain arm). Empty = none."""
     heldout_pairs_fraction: float = 0.1
     """Share of prompts whose pairs are held out to measure preference accuracy (by prompt id)."""
     trl_peer: bool = True
@@ -239,6 +243,9 @@ class DPOSection(DPOConfig):
         valid = ("sigmoid", "ipo", "hinge", "robust", "simpo")
         for i, lt in enumerate([self.loss_type, *self.variants]):
             _check(lt in valid, f"{key}.variants[{i - 1}]" if i else f"{key}.loss_type", f"must be one of {list(valid)}, got {lt!r}")
+        for i, e in enumerate(self.epochs_grid):
+            _check(math.isfinite(e) and e > 0, f"{key}.epochs_grid[{i}]", f"epochs must be > 0, got {e}")
+        _check(len(set(self.epochs_grid)) == len(self.epochs_grid), f"{key}.epochs_grid", f"duplicates in {self.epochs_grid}")
         _check(0.0 < self.heldout_pairs_fraction < 0.5, f"{key}.heldout_pairs_fraction", "must be in (0, 0.5)")
         for lt in [self.loss_type, *self.variants]:  # the trainer's own checks, on every arm of the grid
             try:
@@ -249,10 +256,11 @@ class DPOSection(DPOConfig):
                     raise ConfigError(f"config key '{key}.{field_}': {str(e).split(' ', 1)[1]}") from None
                 raise ConfigError(f"config section '{key}': {e}") from None
 
-    def arm_config(self, loss_type: str, beta: float, seed: int) -> DPOConfig:
-        """The trainer config of one arm of the grid (label smoothing applies to the losses that define it)."""
+    def arm_config(self, loss_type: str, beta: float, seed: int, epochs: float | None = None) -> DPOConfig:
+        """The trainer config of one arm of the grid (label smoothing applies to the losses that define it);
+        ``epochs``: a point of ``epochs_grid`` (None = the section's ``epochs``)."""
         kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(DPOConfig)}
-        kw.update(beta=beta, loss_type=loss_type, seed=seed, log_every=1,
+        kw.update(beta=beta, loss_type=loss_type, seed=seed, log_every=1, epochs=self.epochs if epochs is None else epochs,
                   label_smoothing=self.label_smoothing if loss_type in ("sigmoid", "robust") else 0.0)
         return DPOConfig(**kw)
 

@@ -36,7 +36,7 @@ def _arm_meta(name: str, summary: dict | None) -> dict:
     return {"method": s.get("method", name.split("-")[0]), "config": config_id(name), "loss_type": s.get("loss_type", ""),
             **{k: s.get(k, np.nan) for k in HPARAMS}, "seed": s.get("seed", 0), "train_s": s.get("time/train_s", np.nan),
             "train_tokens_per_s": s.get("tokens_per_s", np.nan), "heldout_acc": s.get("heldout_acc_after", np.nan),
-            "rm_accuracy": s.get("rm_accuracy", np.nan), "rm_gold_pearson": s.get("rm_gold_pearson", np.nan),
+            "epochs": s.get("epochs", np.nan), "rm_accuracy": s.get("rm_accuracy", np.nan), "rm_gold_pearson": s.get("rm_gold_pearson", np.nan),
             **{k: s[k] for k in s if k.startswith("time/") and k.endswith("_s")},
             # compute accounting (benchmarks/arms/common.py::compute_record): tokens_forward / _trained / _generated,
             # flops_own, flops_shared (reward model, pi_ref log-probs), flops = the cost of this arm alone
@@ -109,7 +109,8 @@ def collect(h, run_dir: Path) -> dict:
     from benchmarks.evaluators.claims import Tables, count, run_claims
 
     out["claims"] = run_claims(Tables(summary, samples, curves, {n[4:]: r.summary for n, r in res.items() if n.startswith("arm/")},
-                                      temperature=t_main, dtype=h.cfg.dtype, seed=h.cfg.eval.seed))
+                                      temperature=t_main, dtype=h.cfg.dtype, seed=h.cfg.eval.seed,
+                                      labelling=getattr(h.cfg.prefs, "labelling", None)))
     out["verdict"]["claims"] = count(out["claims"])
     out["verdict"]["judge"] = next((c for c in out["claims"] if c["id"] == "judge_robustness"), None)
     out["verdict"]["text"] = verdict_text(out["verdict"])

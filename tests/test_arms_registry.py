@@ -35,7 +35,10 @@ def _changed(a: dict, b: dict) -> set[str]:
 
 
 GRID_CHANGES = {  # one new value of each family's grid: (override, the arm ids that value adds, per seed)
-    "dpo.betas": lambda c: ([f"dpo.betas={[*c.dpo.betas, 0.77]}"], [f"dpo-{c.dpo.loss_type}-b0.77-s{s}" for s in c.seeds]),
+    # (and its points of the epochs sweep, where the suite has one)
+    "dpo.betas": lambda c: ([f"dpo.betas={[*c.dpo.betas, 0.77]}"], [f"dpo-{c.dpo.loss_type}-b0.77{e}-s{s}" for s in c.seeds
+                                                                      for e in ["", *(f"-e{x:g}" for x in c.dpo.epochs_grid
+                                                                                      if x != c.dpo.epochs)]]),
     "rlhf.target_kls": lambda c: ([f"rlhf.target_kls={[*c.rlhf.target_kls, 77.0]}"], [f"ppo-tkl77-s{s}" for s in c.seeds]),
     "rlhf.kl_coefs": lambda c: ([f"rlhf.kl_coefs={[*c.rlhf.kl_coefs, 0.77]}"], [f"ppo-kl0.77-s{s}" for s in c.seeds]),
     "rlhf.best_of_n": lambda c: ([f"rlhf.best_of_n={[*c.rlhf.best_of_n, 77]}"], []),

@@ -152,6 +152,38 @@ def test_ladder_claims(shift, status):
     assert "not testable" in run("online_dpo_ge_offline_dpo", s, smp)["sentence"]
 
 
+def _epochs_sweep(dpo_kl, ipo_kl, seeds=(0, 1, 2)):
+    """DPO and IPO arms at epochs 1, 2, 4 (beta 0.1) whose per-prompt KL is dpo_kl(E) / ipo_kl(E) plus noise."""
+    rng = np.random.default_rng(3)
+    rows, samples = [], []
+    _arm(rows, samples, rng, "sft", "sft", "sft", 0, 0.0, 0.0)
+    for seed in seeds:
+        for lt, f in (("sigmoid", dpo_kl), ("ipo", ipo_kl)):
+            for e in (1, 2, 4):
+                _arm(rows, samples, rng, f"dpo-{lt}-b0.1-e{e}-s{seed}", "dpo", f"dpo-{lt}-b0.1-e{e}", seed, f(e), 0.1,
+                     beta=0.1, epochs=float(e))
+                rows[-1]["loss_type"] = lt
+    return pd.DataFrame(rows), pd.DataFrame(samples)
+
+
+@pytest.mark.parametrize("ipo_kl,status", [(lambda e: 3.0 - 2.0 / e, "holds"),  # levels off: 1, 2, 2.5
+                                           (lambda e: 4.0 * e, "fails"),  # grows faster than DPO's
+                                           (lambda e: 2.0 * e, "inconclusive")])  # grows as DPO's
+def test_ipo_epochs_claim(ipo_kl, status):
+    s, smp = _epochs_sweep(lambda e: 2.0 * e, ipo_kl)
+    r = run("ipo_kl_levels_off", s, smp, labelling="argmax")
+    assert r["status"] == status, r
+    (b,) = r["per_beta"]
+    assert b["epochs"] == [2.0, 4.0] and b["dpo_growth"] == pytest.approx(4.0, abs=0.15)
+    assert b["ipo_growth"] == pytest.approx(ipo_kl(4) - ipo_kl(2), abs=0.15)
+    assert b["dpo_kl_by_epochs"][1.0] == pytest.approx(2.0, abs=0.1)
+    # DPO's KL falling at the last step fails the claim even when IPO levels off
+    s, smp = _epochs_sweep(lambda e: 3.0 - 2.0 / e + (0 if e < 4 else -1.0), lambda e: 1.0)
+    assert run("ipo_kl_levels_off", s, smp, labelling="argmax")["status"] == "fails"
+    # stochastic labels: not the paper's setting, and it says so
+    assert "argmax" in run("ipo_kl_levels_off", s, smp, labelling="bradley_terry")["sentence"]
+
+
 @pytest.mark.parametrize("bend,status", [(0.3, "holds"), (-0.3, "fails"), (0.0, "inconclusive")])
 def test_gao_claim(bend, status):
     s, smp = tables(0.0, ppo_bend=bend)

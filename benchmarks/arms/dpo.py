@@ -18,28 +18,29 @@ from benchmarks.tasks import models
 from methods import lora
 
 
-def dpo_arm_id(loss_type: str, beta: float, seed: int, peer: str = "dpo") -> str:
-    return f"{peer}-{loss_type}-b{fmt(beta)}-s{seed}"
+def dpo_arm_id(loss_type: str, beta: float, seed: int, peer: str = "dpo", epochs: float | None = None) -> str:
+    """``epochs``: a point of the epochs sweep (``dpo.epochs_grid``), None for the section's own epoch count."""
+    return f"{peer}-{loss_type}-b{fmt(beta)}{'' if epochs is None else f'-e{fmt(epochs)}'}-s{seed}"
 
 
-def dpo_train_config(c, loss_type: str, beta: float, seed: int):
+def dpo_train_config(c, loss_type: str, beta: float, seed: int, epochs: float | None = None):
     """The trainer's config of one arm: the suite's ``dpo`` section (a ``DPOConfig`` plus the grid) at this point."""
-    return c.dpo.arm_config(loss_type, beta, seed)
+    return c.dpo.arm_config(loss_type, beta, seed, epochs)
 
 
-def dpo_key(c, loss_type: str, beta: float, seed: int) -> dict:
+def dpo_key(c, loss_type: str, beta: float, seed: int, epochs: float | None = None) -> dict:
     """Everything one DPO arm's output depends on (besides the sft/prefs stages it reads)."""
-    return {"train": asdict(dpo_train_config(c, loss_type, beta, seed)), "heldout": heldout_fraction(c),
+    return {"train": asdict(dpo_train_config(c, loss_type, beta, seed, epochs)), "heldout": heldout_fraction(c),
             "dtype": c.dtype} | lora_key(c)
 
 
-def _make_dpo_stage(loss_type: str, beta: float, seed: int) -> Stage:
-    arm = dpo_arm_id(loss_type, beta, seed)
+def _make_dpo_stage(loss_type: str, beta: float, seed: int, epochs: float | None = None) -> Stage:
+    arm = dpo_arm_id(loss_type, beta, seed, epochs=epochs)
 
     def run(h: Harness, out: Path) -> dict:
         from methods.dpo.trainer import DPOTrainer, tokenize_pairs
 
-        cfg = dpo_train_config(h.cfg, loss_type, beta, seed)
+        cfg = dpo_train_config(h.cfg, loss_type, beta, seed, epochs)
         utils.seed_everything(seed)
         policy, tok = load_model(h.path("sft"), h.device)
         train_rows, held_rows = train_and_heldout_pairs(h)
@@ -77,7 +78,7 @@ def _make_dpo_stage(loss_type: str, beta: float, seed: int) -> Stage:
         tok.save_pretrained(out / "model")
         utils.write_jsonl(out / "train_curve.jsonl", hist)
         utils.atomic_write_json(out / "train_config.json", asdict(cfg))
-        return {"arm": arm, "method": "dpo", "loss_type": loss_type, "beta": beta,
+        return {"arm": arm, "method": "dpo", "loss_type": loss_type, "beta": beta, "epochs": cfg.epochs,
                 "seed": seed, "train_pairs": len(ex), "heldout_pairs": len(held), "truncated_pairs": n_cut,
                 "steps": tr.step, "heldout_acc_before": before["eval/rewards/accuracies"],
                 "heldout_acc_after": after["eval/rewards/accuracies"], "heldout_margin_after": after["eval/rewards/margins"],
@@ -88,7 +89,7 @@ def _make_dpo_stage(loss_type: str, beta: float, seed: int) -> Stage:
                                  shared={REFLOGPS: stage_flops(h, REFLOGPS)}),
                 "final": {k: v for k, v in hist[-1].items() if "/" in k or k == "loss"}}
 
-    return Stage(f"arm/{arm}", ("sft", "prefs", REFLOGPS), lambda c: dpo_key(c, loss_type, beta, seed), run, version=4)
+    return Stage(f"arm/{arm}", ("sft", "prefs", REFLOGPS), lambda c: dpo_key(c, loss_type, beta, seed, epochs), run, version=4)
 
 
 # ------------------------------------------------------------------------------------------------ pi_ref log-probs
@@ -150,7 +151,12 @@ class DPO(ArmFamily):
         if c.dpo is None:
             return p
         p.need(reflogps_stage())
+        grid = [(c.dpo.loss_type, b) for b in c.dpo.betas] + [(v, c.dpo.betas[0]) for v in c.dpo.variants]
+        sweep = [e for e in c.dpo.epochs_grid if e != c.dpo.epochs]  # the section's own count is the plain arm
         for seed in c.seeds:
-            for lt, beta in [(c.dpo.loss_type, b) for b in c.dpo.betas] + [(v, c.dpo.betas[0]) for v in c.dpo.variants]:
+            for lt, beta in grid:
                 p.add_arm(_make_dpo_stage(lt, beta, seed))
+            for lt, beta in grid:
+                for e in sweep:
+                    p.add_arm(_make_dpo_stage(lt, beta, seed, e))
         return p

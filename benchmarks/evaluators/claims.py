@@ -36,6 +36,8 @@ class Tables:
     arm_summaries: dict[str, dict] = field(default_factory=dict)
     temperature: float = 1.0
     dtype: str = "float32"
+    labelling: str | None = None
+    """How the preference pairs were labelled (``prefs.labelling``; None = unknown)."""
     n_boot: int = 2000
     seed: int = 0
 
@@ -261,6 +263,72 @@ def online_vs_offline(t: Tables) -> dict:
        "Ahmadian et al. 2024")
 def rloo_vs_ppo(t: Tables) -> dict:
     return _frontier_claim(t, "rloo", "ppo", "the ladder suite has both")
+
+
+def _kl_growth(smp: pd.DataFrame, arms_lo: list[str], arms_hi: list[str], rng, n_boot: int) -> tuple[float, np.ndarray]:
+    """Mean per-prompt KL of the seeds at the higher epoch count minus that at the lower one, and its bootstrap draws
+    (seeds resampled within each epoch count, prompts resampled once and shared: the design is paired)."""
+    prompts = np.sort(smp.prompt_id.unique())
+
+    def mat(arms):
+        return np.stack([smp[smp.arm == a].groupby("prompt_id").seq_kl.mean().reindex(prompts).to_numpy() for a in arms])
+
+    lo, hi = mat(arms_lo), mat(arms_hi)
+    stat = float(hi.mean() - lo.mean())
+    draws = np.empty(n_boot)
+    for i in range(n_boot):
+        p = rng.integers(0, len(prompts), len(prompts))
+        draws[i] = hi[rng.integers(0, len(hi), len(hi))][:, p].mean() - lo[rng.integers(0, len(lo), len(lo))][:, p].mean()
+    return stat, draws
+
+
+@claim("ipo_kl_levels_off", "With deterministic (argmax) labels DPO's KL keeps growing with epochs at every beta, while "
+       "IPO's levels off", "Azar et al. 2024 (IPO)")
+def ipo_epochs(t: Tables) -> dict:
+    """From an epochs sweep on the same pairs (``dpo.epochs_grid``): per beta, each loss's KL growth over the last
+    step of the sweep (E_prev -> E_max). **Holds** when DPO's growth is above 0 and above IPO's (both CIs) at every
+    beta; **fails** when, at some beta, DPO's growth is below 0 or below IPO's; else inconclusive. The statistic is
+    DPO's growth minus IPO's at the beta where that difference is smallest."""
+    s = t.at_t()
+    if t.labelling not in (None, "argmax"):
+        return missing(f"the pairs are labelled by {t.labelling!r}; the claim is about deterministic (argmax) labels "
+                       f"(the ipo suite uses them)")
+    if "epochs" not in s or "loss_type" not in s:
+        return missing("no epochs sweep (dpo.epochs_grid)")
+    d = s[(s.method == "dpo") & s.loss_type.isin(["sigmoid", "ipo"]) & s.epochs.notna()]
+    smp = t.samples[np.isclose(t.samples.temperature, t.temperature)]
+    rng = np.random.default_rng(t.seed)
+    per_beta, arms = [], []
+    for beta, g in d.groupby("beta"):
+        growth = {}
+        for lt, gl in g.groupby("loss_type"):
+            es = sorted(gl.epochs.unique())
+            if len(es) < 2:
+                continue
+            lo_arms, hi_arms = gl[gl.epochs == es[-2]].arm.tolist(), gl[gl.epochs == es[-1]].arm.tolist()
+            growth[lt] = (*_kl_growth(smp, lo_arms, hi_arms, rng, t.n_boot), es[-2], es[-1],
+                          {float(e): float(gl[gl.epochs == e].kl.mean()) for e in es})
+            arms += gl.arm.tolist()
+        if {"sigmoid", "ipo"} <= set(growth):
+            (gd, bd, *_, kd), (gi, bi, *_, ki) = growth["sigmoid"], growth["ipo"]
+            diff = bd - bi
+            per_beta.append({"beta": float(beta), "dpo_growth": gd, "ipo_growth": gi,
+                             "dpo_low": float(np.quantile(bd, 0.025)), "dpo_high": float(np.quantile(bd, 0.975)),
+                             "diff": gd - gi, "diff_low": float(np.quantile(diff, 0.025)),
+                             "diff_high": float(np.quantile(diff, 0.975)), "epochs": [growth["sigmoid"][2], growth["sigmoid"][3]],
+                             "dpo_kl_by_epochs": kd, "ipo_kl_by_epochs": ki})
+    if not per_beta:
+        return missing("needs sigmoid-DPO and IPO arms at >= 2 epoch counts of dpo.epochs_grid, at one beta at least")
+    st = [HOLDS if r["dpo_low"] > 0 and r["diff_low"] > 0 else FAILS if r["dpo_high"] < 0 or r["diff_high"] < 0
+          else INCONCLUSIVE for r in per_beta]
+    status = FAILS if FAILS in st else HOLDS if all(x == HOLDS for x in st) else INCONCLUSIVE
+    w = min(per_beta, key=lambda r: r["diff"])
+    text = "; ".join(f"beta {r['beta']:g}, epochs {r['epochs'][0]:g} -> {r['epochs'][1]:g}: KL grows by {r['dpo_growth']:+.2f} "
+                     f"[{r['dpo_low']:+.2f}, {r['dpo_high']:+.2f}] under DPO, {r['ipo_growth']:+.2f} under IPO (difference "
+                     f"{r['diff']:+.2f} [{r['diff_low']:+.2f}, {r['diff_high']:+.2f}]); KL by epochs DPO "
+                     + ", ".join(f"{e:g}: {k:.2f}" for e, k in r["dpo_kl_by_epochs"].items()) + ", IPO "
+                     + ", ".join(f"{e:g}: {k:.2f}" for e, k in r["ipo_kl_by_epochs"].items()) for r in per_beta)
+    return result(status, text, w["diff"], w["diff_low"], w["diff_high"], arms, per_beta=per_beta)
 
 
 @claim("ordering_survives_length_control", "The DPO-vs-PPO ordering at matched KL survives when gold is compared at "
