@@ -95,6 +95,11 @@ def test_dpo_sanity_claim():
     curves = {f"dpo-s{i}": [{"step": 1, "loss": math.log(2) + 1e-5}] for i in range(3)}
     up = {f"dpo-s{i}": {"heldout_acc_before": 0.5, "heldout_acc_after": 0.6 + 0.01 * i} for i in range(3)}
     assert run("dpo_sanity", s, None, curves=curves, arm_summaries=up)["status"] == "holds"
+    # an online-DPO arm (same loss, its first record logged after an iteration's steps) is not the offline check
+    odpo = pd.concat([s, pd.DataFrame([{"arm": "odpo-s1-b0.1-s0", "method": "online_dpo", "loss_type": "sigmoid",
+                                        "temperature": 1.0, "seed": 0, "config": "odpo-s1-b0.1"}])])
+    r = run("dpo_sanity", odpo, None, curves={**curves, "odpo-s1-b0.1-s0": [{"step": 1, "loss": 0.69}]}, arm_summaries=up)
+    assert r["status"] == "holds" and "odpo-s1-b0.1-s0" not in r["arms"]
     down = {a: {"heldout_acc_before": 0.6, "heldout_acc_after": 0.5} for a in up}
     assert run("dpo_sanity", s, None, curves=curves, arm_summaries=down)["status"] == "fails"
     bad_loss = {a: [{"step": 1, "loss": 0.9}] for a in curves}

@@ -399,3 +399,56 @@ def test_non_finite_scores_raise_and_restore_the_policy(setup):
     assert all(torch.equal(v, policy.state_dict()[k]) for k, v in before.items())
     with pytest.raises(ValueError, match="same object"):
         GroupRLTrainer(model, model, share_reward(set()), tok, prompts, cfg, "cpu")
+
+
+# --------------------------------------------------------------------------- TRL 1.16's trainers as peers
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_trl_peer_config_matches_ours_not_trls_defaults(algorithm):
+    from methods.baselines.trl_group import trl_config
+
+    cfg = GroupRLConfig(algorithm=algorithm, beta=0.03, k=4, prompts_per_iteration=16, minibatch_size=16, lr=2e-4,
+                        iterations=40, max_new_tokens=24, temperature=0.9, adam_eps=1e-5, grad_clip=1.0)
+    a = trl_config(cfg, output_dir="/tmp/unused", device="cpu")
+    assert (a.beta, a.num_generations, a.learning_rate, a.temperature, a.max_completion_length) == (0.03, 4, 2e-4, 0.9, 24)
+    # 64 completions per generation round (PPO's rollout batch), 16 per optimiser step, 40 rounds, one pass
+    assert a.per_device_train_batch_size == 16 and a.steps_per_generation == 4 and a.generation_batch_size == 64
+    assert a.max_steps == 160 and a.num_iterations == 1 and a.lr_scheduler_type == "constant"
+    assert a.adam_epsilon == 1e-5 and a.max_grad_norm == 1.0 and a.top_k == 0 and a.disable_dropout
+    if algorithm == "grpo":
+        assert a.epsilon == 0.2 and a.scale_rewards == "group"  # ours: clip 0.2, std-scaled groups
+    with pytest.raises(ValueError, match="minibatch_size"):
+        trl_config(GroupRLConfig(algorithm=algorithm, k=4, prompts_per_iteration=3, minibatch_size=8), output_dir="/tmp/x",
+                   device="cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_trl_peer_trains_on_our_reward_of_its_own_samples(setup, tmp_path, algorithm):
+    from methods.baselines.trl_group import train_trl_group
+
+    model, tok, prompts, target = setup
+    rows = [{"prompt": t, "prompt_ids": p} for t, p in zip(TEXTS, prompts, strict=True)]
+    seen = []
+
+    def reward_fn(ps, cs):
+        seen.append((ps, cs))
+        return share_reward(target)(ps, cs) * 10.0 + 3.0  # an offset and a scale the normalisation must remove
+
+    cfg = GroupRLConfig(algorithm=algorithm, beta=0.05, k=4, prompts_per_iteration=4, minibatch_size=8, lr=1e-2,
+                        max_new_tokens=6, iterations=2, reward_norm=True)
+    from transformers import AutoModelForCausalLM
+
+    model.save_pretrained(tmp_path / "sft")  # TRL builds its reference from the policy's folder (as the arm loads it)
+    policy = AutoModelForCausalLM.from_pretrained(tmp_path / "sft")
+    hist = train_trl_group(policy, tok, rows, reward_fn, cfg, device="cpu", output_dir=str(tmp_path),
+                           monitor=lambda ps, cs: [float(len(c)) for c in cs])
+    # one reward call per generation round of prompts_per_iteration * k completions, each a prompt's exact ids
+    assert len(seen) == cfg.iterations and all(len(cs) == 16 for _, cs in seen)
+    assert {tuple(p) for ps, _ in seen for p in ps} <= {tuple(p) for p in prompts}
+    assert all(len(c) <= cfg.max_new_tokens for _, cs in seen for c in cs)
+    # normalised with the first round's statistics, as ours: TRL's logged mean reward of round 1 is 0
+    first = next(r for r in hist if "reward" in r)
+    assert first["reward"] == pytest.approx(0.0, abs=1e-5)
+    assert len(hist) == cfg.iterations * 2 and all("objective/gold" in r for r in hist)
+    moved = max(float((p - q).abs().max()) for p, q in zip(policy.parameters(), model.parameters(), strict=True))
+    assert moved > 0

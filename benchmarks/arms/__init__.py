@@ -27,6 +27,7 @@ from benchmarks.stages import STAGES
 
 from benchmarks.arms import group_rl  # noqa: F401 # isort: skip - RLOO, GRPO register after the built-ins
 from benchmarks.arms import online_dpo  # noqa: F401 # isort: skip - online DPO registers after RLOO, GRPO
+from benchmarks.arms import trl_group  # noqa: F401 # isort: skip - TRL's GRPO / RLOO peers, after ours
 
 FOUNDATION = ["data", "base", "sft", "prompts", "prefs"]
 

@@ -125,7 +125,9 @@ def _frontier_claim(t: Tables, a: str, b: str, what: str, keep=None, a_label: st
        "Rafailov et al. 2023 (the loss at pi = pi_ref)")
 def dpo_sanity(t: Tables) -> dict:
     s = t.at_t()
-    arms = s[(s.get("loss_type") == "sigmoid") & s.arm.isin(list(t.curves))].arm.tolist() if "loss_type" in s else []
+    # offline DPO only: online DPO shares the loss but logs its first iteration's mean, after that iteration's steps
+    arms = s[(s.method == "dpo") & (s.get("loss_type") == "sigmoid") & s.arm.isin(list(t.curves))].arm.tolist() \
+        if "loss_type" in s else []
     if not arms:
         return missing("no sigmoid-DPO arm with a training curve")
     first = [next((r["loss"] for r in t.curves[a] if r.get("loss") is not None), math.nan) for a in arms]
