@@ -189,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from benchmarks.harness import Harness
 
+        if args.cmd == "run":  # bad external inputs (model folder, preference file, read-only cache): exit 2, nothing written
+            from benchmarks.preflight import check_inputs
+
+            check_inputs(cfg)
         stages, default_targets = _stage_registry(cfg)
         h = Harness(cfg, stages, run_missing=args.cmd != "results")
         if args.cmd == "stages":

@@ -524,6 +524,9 @@ def available_suites() -> list[str]:
 def load_suite(name_or_path: str, overrides: list[str] | None = None) -> SuiteConfig:
     """Load a suite by name (``benchmarks/configs/<name>.yaml``) or path, apply ``key=value`` overrides."""
     path = Path(name_or_path)
+    if path.is_dir():
+        raise ConfigError(f"suite '{name_or_path}' is a folder; give a suite YAML file (e.g. {path / 'default.yaml'}) or "
+                          f"a suite name: {available_suites()}")
     if not path.suffix:
         path = CONFIG_DIR / f"{name_or_path}.yaml"
     if not path.exists():
