@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import progress, utils
+from benchmarks import interrupts, progress, utils
 from benchmarks.harness import Harness, Stage
 from benchmarks.tasks import models, prefs, sentiment
 from benchmarks.tasks.registry import load_docs, load_prompts, task_gold, task_of
@@ -47,9 +47,9 @@ def _base(h: Harness, out: Path) -> dict:
     windows = sft_mod.pack_documents(enc, b.train.seq_len, bos_id=tok.bos_token_id, eos_id=tok.eos_token_id)
     held = sft_mod.pack_documents(tok(docs["task_heldout"], add_special_tokens=False)["input_ids"], b.train.seq_len,
                                   bos_id=tok.bos_token_id, eos_id=tok.eos_token_id)
-    hist = sft_mod.train_lm(model, sft_mod.packed_batches(windows, b.train.batch_size, cfg.seed), steps=b.train.steps,
-                            lr=b.train.lr, warmup_steps=b.train.warmup_steps, weight_decay=b.train.weight_decay,
-                            grad_clip=b.train.grad_clip, device=h.device, autocast=h.autocast(), desc="base")
+    hist = _train_lm(h, "base", model, sft_mod.packed_batches(windows, b.train.batch_size, cfg.seed), steps=b.train.steps,
+                     lr=b.train.lr, warmup_steps=b.train.warmup_steps, weight_decay=b.train.weight_decay,
+                     grad_clip=b.train.grad_clip)
     heldout = sft_mod.eval_loss(model, held, batch_size=64, device=h.device, autocast=h.autocast())
     model.save_pretrained(out / "model")
     tok.save_pretrained(out / "model")
@@ -58,6 +58,24 @@ def _base(h: Harness, out: Path) -> dict:
             "train_tokens": int(windows.numel()), "final_train_loss": hist[-1]["loss"],
             "heldout_loss": heldout, "tokens_per_s": hist[-1]["tokens_per_s"],
             "chars_per_token": sum(map(len, docs["general_train"])) / max(1, sum(map(len, enc)))}
+
+
+def _train_lm(h: Harness, stage: str, model, batches, **kw) -> list[dict]:
+    """``methods.sft.train_lm`` for stage ``base`` / ``sft``, resumable: a checkpoint every
+    ``checkpoint_every_steps`` steps (and on SIGINT/SIGTERM, then exit 130/143 saying how to resume); a re-run
+    resumes from it and says so. The checkpoint is dropped when the stage finishes (the harness)."""
+    ckpt = h.checkpoint_path(stage)
+
+    def resumed(step: int) -> None:
+        h.log(f"[{stage}] resuming from step {step} of {kw['steps']} ({ckpt})")
+
+    with interrupts.graceful():
+        try:
+            return sft_mod.train_lm(model, batches, device=h.device, autocast=h.autocast(), desc=stage, checkpoint_path=ckpt,
+                                    checkpoint_every=h.cfg.checkpoint_every_steps, stop=interrupts.requested,
+                                    on_resume=resumed, **kw)
+        except sft_mod.TrainingStopped as e:
+            interrupts.stop_with_checkpoint(None, None, stage, e.step, e.steps, "step")
 
 
 def train_tokenizer_for(h: Harness, docs: dict) -> object:
@@ -94,9 +112,8 @@ def _sft(h: Harness, out: Path) -> dict:
         n_tokens = int(windows.numel())
     before = sft_mod.eval_loss(model, held, batch_size=64, device=h.device, autocast=h.autocast())
     model = lora.add_adapters(model, cfg.lora, seed=cfg.seed)
-    hist = sft_mod.train_lm(model, batches, steps=s.steps, lr=s.lr,
-                            warmup_steps=s.warmup_steps, weight_decay=s.weight_decay, grad_clip=s.grad_clip,
-                            device=h.device, autocast=h.autocast(), desc="sft")
+    hist = _train_lm(h, "sft", model, batches, steps=s.steps, lr=s.lr, warmup_steps=s.warmup_steps,
+                     weight_decay=s.weight_decay, grad_clip=s.grad_clip)
     model = lora.merged(model)
     after = sft_mod.eval_loss(model, held, batch_size=64, device=h.device, autocast=h.autocast())
     model.save_pretrained(out / "model")

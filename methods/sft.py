@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from pathlib import Path
 from collections.abc import Iterator
 
 import torch
@@ -79,17 +80,53 @@ def lm_loss(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, int
     return -(lp.sum() / n.clamp_min(1)), int(n)
 
 
+class TrainingStopped(Exception):
+    """``train_lm`` stopped on ``stop()`` after ``step`` of ``steps``; its checkpoint (if a path was given) is written."""
+
+    def __init__(self, step: int, steps: int):
+        super().__init__(f"stopped after step {step} of {steps}")
+        self.step, self.steps = step, steps
+
+
 def train_lm(model, batches: Iterator, *, steps: int, lr: float, warmup_steps: int, weight_decay: float,
-             grad_clip: float, device: str, autocast, desc: str, log_every: int = 10) -> list[dict]:
-    """AdamW loop; returns the training curve (step, loss, lr, tokens seen, tokens/s, grad norm)."""
+             grad_clip: float, device: str, autocast, desc: str, log_every: int = 10, checkpoint_path=None,
+             checkpoint_every: int = 0, stop=None, on_resume=None) -> list[dict]:
+    """AdamW loop; returns the training curve (step, loss, lr, tokens seen, tokens/s, grad norm).
+
+    Resumable: with ``checkpoint_path`` the model, optimiser, schedule, RNG states and curve are written every
+    ``checkpoint_every`` steps (atomically) and when ``stop()`` turns true (then ``TrainingStopped`` is raised);
+    a checkpoint found at the start is loaded, ``batches`` (a deterministic iterator) is advanced past the steps
+    it covers, ``on_resume(step)`` is called, and the run continues to the same weights as an uninterrupted one."""
+    from methods.checkpointing import atomic_torch_save, rng_state, set_rng_state
+
     model.to(device).train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup_steps, steps))
-    history, tokens, t0 = [], 0, time.perf_counter()
-    bar = tqdm(range(steps), desc=desc, leave=False, mininterval=2.0, disable=None)  # off when not a TTY
+    history, tokens, start = [], 0, 0
+    meta = {"steps": steps, "lr": lr, "warmup_steps": warmup_steps, "desc": desc}
+
+    def save(step: int) -> None:
+        atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                           "step": step, "tokens": tokens, "history": history, "rng": rng_state(), "meta": meta},
+                          checkpoint_path)
+
+    if checkpoint_path is not None and Path(checkpoint_path).exists():
+        ck = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        if ck.get("meta") == meta and ck["step"] < steps:
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["opt"])
+            sched.load_state_dict(ck["sched"])
+            start, tokens, history = ck["step"], ck["tokens"], ck["history"]
+            set_rng_state(ck["rng"])
+            for _ in range(start):  # the same batches as the uninterrupted run from here on
+                next(batches)
+            if on_resume is not None:
+                on_resume(start)
+    t0, tokens0 = time.perf_counter(), tokens
+    bar = tqdm(range(start, steps), desc=desc, leave=False, mininterval=2.0, disable=None)  # off when not a TTY
     for step in bar:
         input_ids, attn, labels = (t.to(device) for t in next(batches))
         with autocast:
@@ -103,10 +140,19 @@ def train_lm(model, batches: Iterator, *, steps: int, lr: float, warmup_steps: i
         sched.step()
         tokens += n
         if step % log_every == 0 or step == steps - 1:
-            tps = tokens / (time.perf_counter() - t0)
+            tps = (tokens - tokens0) / (time.perf_counter() - t0)
             history.append({"step": step + 1, "loss": loss.item(), "lr": sched.get_last_lr()[0],
                             "tokens_seen": tokens, "tokens_per_s": tps, "grad_norm": float(gnorm)})
             bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tps:,.0f}")
+        done = step + 1
+        if checkpoint_path is not None and done < steps:
+            if stop is not None and stop():
+                save(done)
+                raise TrainingStopped(done, steps)
+            if checkpoint_every and done % checkpoint_every == 0:
+                save(done)
+        elif stop is not None and done < steps and stop():
+            raise TrainingStopped(done, steps)
     model.eval()
     return history
 
@@ -125,4 +171,4 @@ def eval_loss(model, windows: torch.Tensor, *, batch_size: int, device: str, aut
     return total / max(count, 1)
 
 
-__all__ = ["IGNORE_INDEX", "eval_loss", "lm_loss", "lr_lambda", "pack_documents", "packed_batches", "train_lm"]
+__all__ = ["IGNORE_INDEX", "TrainingStopped", "eval_loss", "lm_loss", "lr_lambda", "pack_documents", "packed_batches", "train_lm"]

@@ -149,29 +149,43 @@ def test_a_failed_run_never_shows_the_previous_runs_tables(tmp_path):
     assert r.returncode != 0 and "not this run's" in r.stderr
 
 
-def test_sigterm_checkpoints_and_says_how_to_resume(tmp_path, uninterrupted):
-    """SIGTERM mid-DPO and mid-PPO (once the training loop has written a checkpoint): the trainer finishes its step,
-    writes its checkpoint, the run exits 143 with the resume line; the re-run says it resumes and ends with the
-    uninterrupted summary."""
+def test_sigterm_and_sigint_at_four_points_resume_to_the_same_summary(tmp_path, uninterrupted):
+    """SIGTERM / SIGINT during base pretraining, a DPO arm and a PPO arm (once the loop has written a checkpoint):
+    the loop finishes its step, writes its checkpoint and the run exits 143 / 130 with the resume line. SIGINT during
+    an evaluation (no trainer: the stage is cheap and deterministic) exits 130 at once and leaves no stage behind.
+    The re-run says which stages it resumes and ends with the uninterrupted summary, bit for bit."""
     import signal
     import time
 
     cache, runs = tmp_path / "k", tmp_path / "rk"
     extra, ref = CKPT_EVERY, uninterrupted
-    for stage in ("dpo-sigmoid", "ppo-kl"):
+    points = [("base", "ckpt/base-*.pt", signal.SIGTERM), ("dpo", "ckpt/arm__dpo-sigmoid*.pt", signal.SIGTERM),
+              ("ppo", "ckpt/arm__ppo-kl*.pt", signal.SIGINT), ("eval", "eval/dpo-sigmoid*/.*.tmp-*", signal.SIGINT)]
+    stopped, logs = [], ""
+    for what, pattern, sig in points:
         p = subprocess.Popen(_cmd(cache, runs, *extra), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
         t0 = time.time()
-        while p.poll() is None and not list((cache / "ckpt").glob(f"arm__{stage}*.pt")) and time.time() - t0 < 300:
-            time.sleep(0.01)  # the training loop is running
-        p.send_signal(signal.SIGTERM)
+        while p.poll() is None and not list(cache.glob(pattern)) and time.time() - t0 < 300:
+            time.sleep(0.005)  # the stage is running
+        p.send_signal(sig)
         out, err = p.communicate(timeout=300)
-        assert p.returncode == 143, (out[-1500:], err[-1500:])
-        assert "interrupted by SIGTERM" in err and "run the same command to resume" in err
-        assert "checkpoint is written" in err and list((cache / "ckpt").glob(f"arm__{stage}*.pt")), err[-1500:]
+        logs += out + err
+        if p.returncode == 0:  # the stage finished between the poll and the signal: nothing to resume there
+            continue
+        stopped.append(what)
+        assert p.returncode == 128 + sig, (what, out[-1500:], err[-1500:])
+        assert f"interrupted by {signal.Signals(sig).name}" in err and "run the same command to resume" in err
+        if what != "eval":
+            assert "checkpoint is written" in err and list(cache.glob(pattern)), (what, err[-1500:])
+    assert {"base", "dpo", "ppo"} <= set(stopped), stopped
     r = subprocess.run(_cmd(cache, runs, *extra), cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "resuming from iteration" in r.stdout + r.stderr
+    logs += r.stdout + r.stderr
+    # each run resumed what the one before stopped, and said so
+    assert "[base] resuming from step" in logs and "resuming from iteration" in logs
+    assert any("[arm/dpo-sigmoid-b0.1-s0] resuming from step" in x for x in logs.splitlines())
     final = pd.read_csv(runs / "smoke" / "summary.csv")
     metrics = [c for c in ref.columns if c not in TIMING]
     pd.testing.assert_frame_equal(final[metrics], ref[metrics], check_exact=True)
+    assert not list((cache / "ckpt").glob("*.pt")) and not list(cache.glob("*/*/.*.tmp-*"))
