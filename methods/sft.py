@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 import random
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm

@@ -30,19 +30,18 @@ Single process only (under ``accelerate launch`` every rank computes the same wh
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from methods.checkpointing import CheckpointMixin, check_same_config, rng_state, set_rng_state
+from methods.checkpointing import check_same_config, rng_state, set_rng_state
 from methods.data import collate
 from methods.logprobs import token_logps
+from methods.rl_loop import IterativeTrainer, Timers, all_finite, cpu_state, permuted_slots, prompts_digest
 from methods.rlhf.group import grpo_advantages, grpo_loss, kl_penalised_rewards, rloo_advantages, rloo_loss
 from methods.rlhf.ppo_core import check_finite
 from methods.sampling import derive_seed, sample
@@ -147,28 +146,7 @@ class GroupRLConfig:
             raise ValueError(f"invalid {self.algorithm} config:\n  - " + "\n  - ".join(errors))
 
 
-class _Timers:
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.t = device, {}
-
-    @contextlib.contextmanager
-    def __call__(self, key: str):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.t[key] = self.t.get(key, 0.0) + time.perf_counter() - t0
-
-
-def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-
-
-class GroupRLTrainer(CheckpointMixin):
+class GroupRLTrainer(IterativeTrainer):
     """RLOO / GRPO for a causal-LM policy against a reward callable (no value model).
 
     ``policy`` is trained in place (pass a copy of pi_ref); ``ref_model`` is only read. ``prompts``: token-id lists
@@ -219,13 +197,8 @@ class GroupRLTrainer(CheckpointMixin):
     # ----------------------------------------------------------------------------------------- pieces
     def _prompt_slots(self, it: int) -> list[int]:
         """Prompt indices of iteration ``it`` (1-based): epochs of seeded permutations read in order (as PPO)."""
-        n, P = self.cfg.prompts_per_iteration, len(self.prompts)
-        out = []
-        for pos in range((it - 1) * n, it * n):
-            e = pos // P
-            if e not in self._perms:
-                self._perms = {e: np.random.default_rng(derive_seed(self.cfg.seed, 1, e)).permutation(P)}
-            out.append(int(self._perms[e][pos % P]))
+        out, self._perms = permuted_slots(self._perms, len(self.prompts), it, self.cfg.prompts_per_iteration,
+                                          lambda e: derive_seed(self.cfg.seed, 1, e))
         return out
 
     def _logps(self, model, ids: torch.Tensor, attn: torch.Tensor, labels: torch.Tensor):
@@ -247,11 +220,11 @@ class GroupRLTrainer(CheckpointMixin):
         return (raw - mean) / std, mean, std
 
     def _snapshot(self, it: int) -> None:
-        if not all(bool(torch.isfinite(p).all()) for p in self.policy.parameters()):
+        if not all_finite(self.policy):
             self._restore()
             raise FloatingPointError(f"{self.cfg.algorithm} iteration {it}: non-finite parameters after iteration "
                                      f"{it - 1}; restored the state before it (trainer.last_good_state)")
-        self.last_good_state = _cpu_state(self.policy)
+        self.last_good_state = cpu_state(self.policy)
 
     def _restore(self) -> None:
         if self.last_good_state is not None:
@@ -259,7 +232,7 @@ class GroupRLTrainer(CheckpointMixin):
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def _prompts_digest(self) -> str:
-        return hashlib.sha256(repr(self.prompts).encode()).hexdigest()
+        return prompts_digest(self.prompts)
 
     def state_dict(self) -> dict:
         return {"policy": self.policy.state_dict(), "optimizer": self.opt.state_dict(), "norm": self._norm,
@@ -282,37 +255,13 @@ class GroupRLTrainer(CheckpointMixin):
         set_rng_state(d["rng"])
 
     # ----------------------------------------------------------------------------------------- loop
-    def train(self, on_log: Callable[[dict], None] | None = None, stop: Callable[[], bool] | None = None,
-              checkpoint_path: Path | None = None, checkpoint_every: int = 0) -> list[dict]:
-        """Run to ``cfg.iterations``. With ``checkpoint_path``: resume from it if it exists, and write it every
-        ``checkpoint_every`` iterations (0 = only at the end) and after the last iteration."""
-        if checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
-        if checkpoint_path is not None:
-            self.load_checkpoint(checkpoint_path)
-        while self.iteration < self.cfg.iterations:
-            it = self.iteration + 1
-            self._snapshot(it)
-            try:
-                rec = self._iteration(it)
-            except FloatingPointError as e:
-                self._restore()
-                raise FloatingPointError(f"{self.cfg.algorithm} iteration {it}: {e}. Policy restored to its state "
-                                         f"before iteration {it} (trainer.last_good_state)") from None
-            self.iteration = it
-            self.history.append(rec)
-            if on_log:
-                on_log(rec)
-            if checkpoint_path is not None and (
-                    it == self.cfg.iterations or (checkpoint_every and it % checkpoint_every == 0)):
-                self.save_checkpoint(checkpoint_path)
-            if stop is not None and stop():
-                break
-        return self.history
+    @property
+    def _label(self) -> str:  # in the shared loop's messages
+        return self.cfg.algorithm
 
     def _iteration(self, it: int) -> dict:
         cfg, dev = self.cfg, self.device
-        timers = _Timers(dev)
+        timers = Timers(dev)
         t_iter = time.perf_counter()
         P, k, B, M = cfg.prompts_per_iteration, cfg.k, cfg.rollout_batch_size, cfg.minibatch_size
 

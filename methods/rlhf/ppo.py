@@ -49,21 +49,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import math
 import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from methods.checkpointing import CheckpointMixin, check_same_config, rng_state, set_rng_state
+from methods.checkpointing import check_same_config, rng_state, set_rng_state
 from methods.data import collate
 from methods.distributed import Dist
 from methods.logprobs import IGNORE_INDEX, logps_at
+from methods.rl_loop import IterativeTrainer, Timers, all_finite, cpu_state, permuted_slots, prompts_digest
 from methods.rlhf import ppo_core
 from methods.rlhf.ppo_core import (
     AdaptiveKLController,
@@ -205,23 +204,6 @@ def config_dict(cfg: PPOConfig) -> dict:
 _seed = derive_seed
 
 
-class _Timers:
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.t = device, {}
-
-    @contextlib.contextmanager
-    def __call__(self, key: str):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.t[key] = self.t.get(key, 0.0) + time.perf_counter() - t0
-
-
 def _token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``methods.logprobs.token_logps`` (same core, ``logps_at``; bitwise the same log-probs and gradients) without
     copying the shifted [B, T-1, V] slice of the logits: every row of the contiguous [B*T, V] logits is scored (the
@@ -235,14 +217,6 @@ def _token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     safe = torch.cat([torch.where(mask, tgt, torch.zeros_like(tgt)), tgt.new_zeros(B, 1)], dim=1)  # [B, T]
     logps = logps_at(logits.reshape(B * T, V), safe.reshape(-1)).view(B, T)[:, :-1]
     return logps * mask, mask.to(logps.dtype)
-
-
-def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-
-
-def _all_finite(module: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
 
 
 class _RunningStats:
@@ -267,7 +241,7 @@ class _RunningStats:
 
 
 # --------------------------------------------------------------------------------------------- trainer
-class PPOTrainer(CheckpointMixin):
+class PPOTrainer(IterativeTrainer):
     """PPO for a causal-LM policy against a reward callable.
 
     ``policy`` is trained in place (pass a copy of pi_ref); ``ref_model`` is only read (with ``ema_ref_decay``
@@ -376,13 +350,8 @@ class PPOTrainer(CheckpointMixin):
 
     def _prompt_slots(self, it: int) -> list[int]:
         """Prompt indices of iteration ``it`` (1-based): epochs of seeded permutations, read in order."""
-        R, P = self.cfg.rollout_batch_size, len(self.prompts)
-        out = []
-        for pos in range((it - 1) * R, it * R):
-            e = pos // P
-            if e not in self._perms:
-                self._perms = {e: np.random.default_rng(_seed(self.cfg.seed, 1, e)).permutation(P)}
-            out.append(int(self._perms[e][pos % P]))
+        out, self._perms = permuted_slots(self._perms, len(self.prompts), it, self.cfg.rollout_batch_size,
+                                          lambda e: _seed(self.cfg.seed, 1, e))
         return out
 
     def _forward(self, ids: torch.Tensor, attn: torch.Tensor, labels: torch.Tensor, *, want_entropy: bool):
@@ -426,13 +395,13 @@ class PPOTrainer(CheckpointMixin):
         return (raw - mean) / std, mean, std
 
     def _snapshot(self, it: int) -> None:
-        if not _all_finite(self.policy) or not _all_finite(self._value_module()):
+        if not all_finite(self.policy) or not all_finite(self._value_module()):
             self._restore()
             raise FloatingPointError(
                 f"PPO iteration {it}: non-finite parameters after the update of iteration {it - 1} (phase update); "
                 f"restored the state before iteration {it - 1} (trainer.last_good_state)")
-        self.last_good_state = _cpu_state(self.policy)
-        self.last_good_value_state = _cpu_state(self._value_module())
+        self.last_good_state = cpu_state(self.policy)
+        self.last_good_value_state = cpu_state(self._value_module())
 
     def _restore(self) -> None:
         if self.last_good_state is not None:
@@ -441,7 +410,7 @@ class PPOTrainer(CheckpointMixin):
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def _prompts_digest(self) -> str:
-        return hashlib.sha256(repr(self.prompts).encode()).hexdigest()
+        return prompts_digest(self.prompts)
 
     def state_dict(self) -> dict:
         """Everything that affects later iterations (not ``last_good_state`` / ``last_rollout``)."""
@@ -484,38 +453,12 @@ class PPOTrainer(CheckpointMixin):
         set_rng_state(d["rng"])
 
     # ----------------------------------------------------------------------------------------- loop
-    def train(self, on_log: Callable[[dict], None] | None = None, stop: Callable[[], bool] | None = None,
-              checkpoint_path: Path | None = None, checkpoint_every: int = 0) -> list[dict]:
-        """Run to ``cfg.iterations``. With ``checkpoint_path``: resume from it if it exists, and write it every
-        ``checkpoint_every`` iterations (0 = only at the end) and after the last iteration."""
-        if checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
-        if checkpoint_path is not None:
-            self.load_checkpoint(checkpoint_path)
-        while self.iteration < self.cfg.iterations:
-            it = self.iteration + 1
-            self._snapshot(it)
-            try:
-                rec = self._iteration(it)
-            except FloatingPointError as e:
-                self._restore()
-                raise FloatingPointError(
-                    f"PPO iteration {it}: {e}. Policy and value model restored to their state before iteration "
-                    f"{it} (trainer.last_good_state)") from None
-            self.iteration = it
-            self.history.append(rec)
-            if on_log:
-                on_log(rec)
-            if checkpoint_path is not None and (
-                    it == self.cfg.iterations or (checkpoint_every and it % checkpoint_every == 0)):
-                self.save_checkpoint(checkpoint_path)
-            if stop is not None and self.dist.any(stop()):
-                break
-        return self.history
+    _label = "PPO"  # in the shared loop's messages
+    _restored = "Policy and value model restored to their state"
 
     def _iteration(self, it: int) -> dict:
         cfg, dev, dist = self.cfg, self.device, self.dist
-        timers = _Timers(dev)
+        timers = Timers(dev)
         t_iter = time.perf_counter()
         R, M = cfg.rollout_batch_size, cfg.minibatch_size
         if cfg.anneal_lr:  # [N-details] lrnow = (1 - (update - 1) / num_updates) * lr
