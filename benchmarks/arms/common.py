@@ -118,3 +118,54 @@ def compute_record(*, forward=(), trained=(), generated=(), shared: dict[str, fl
 def stage_flops(h: Harness, name: str) -> float:
     """Own FLOPs of a finished shared stage (0 when it recorded none)."""
     return float(h.results[name].summary.get("compute/flops_own", 0.0)) if name in h.results else 0.0
+
+
+# ------------------------------------------------------------------------------------ the on-policy arms' set-up
+def gold_monitor(h: Harness, tok, rows: list[dict]):
+    """``gold_fn(prompt_ids, completion_ids) -> list[float]``: the task's gold reward of decoded completions, for
+    logging only (``objective/gold``), never trained on. The dialogue task's judge scores (prompt, response): the
+    prompt text is looked up by its ids (decoded when unknown)."""
+    from benchmarks.tasks.registry import task_gold
+
+    prompt_text = {tuple(p["prompt_ids"]): p["prompt"] for p in rows}
+
+    def gold_fn(prompt_ids, completion_ids):
+        texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
+        prompts = [prompt_text.get(tuple(x)) or tok.decode(x, skip_special_tokens=True) for x in prompt_ids]
+        return task_gold(h.cfg.task, texts, prompts)
+
+    return gold_fn
+
+
+def on_policy_setup(h: Harness, seed: int):
+    """What RLOO / GRPO / online DPO start from: the SFT policy (with the suite's LoRA adapters, as PPO's and DPO's)
+    and a frozen copy as pi_ref, the reward model stage's RM, its ``reward_fn``, the train prompts and the gold monitor.
+    Returns (policy, ref, tok, rm, reward_fn, rows, gold_fn)."""
+    from benchmarks.arms.reward_model import RM_STAGE
+    from methods import lora
+    from methods.rlhf.reward_model import load_reward_model, make_reward_fn
+
+    utils.seed_everything(seed)
+    policy, tok = load_model(h.path("sft"), h.device)
+    ref, _ = load_model(h.path("sft"), h.device)
+    rm = load_reward_model(h.path(RM_STAGE) / "rm").to(h.device).eval()
+    rows = load_prompts(h, "train")
+    reward_fn = make_reward_fn(rm, pad_id=tok.pad_token_id, autocast=h.autocast())
+    policy = lora.add_adapters(policy, h.cfg.lora, seed=seed)
+    return policy, ref, tok, rm, reward_fn, rows, gold_monitor(h, tok, rows)
+
+
+def train_resumable(h: Harness, arm: str, trainer, iterations: int, on_log) -> list[dict]:
+    """``trainer.train`` for an iterative arm: resume from its checkpoint and say so; on SIGINT/SIGTERM finish the
+    iteration, write the checkpoint and exit (130/143) saying how to resume (``benchmarks/interrupts.py``)."""
+    from benchmarks import interrupts
+
+    ckpt = h.checkpoint_path(f"arm/{arm}")
+    if ckpt.exists() and trainer.load_checkpoint(ckpt):  # (train() loads it too; this is to say so)
+        h.log(f"[arm/{arm}] resuming from iteration {trainer.iteration} of {iterations} ({ckpt})")
+    with interrupts.graceful():
+        hist = trainer.train(on_log=on_log, checkpoint_path=ckpt, checkpoint_every=h.cfg.checkpoint_every_iterations,
+                             stop=interrupts.requested)
+        if interrupts.requested() and trainer.iteration < iterations:
+            interrupts.stop_with_checkpoint(trainer, ckpt, f"arm/{arm}", trainer.iteration, iterations, "iteration")
+    return hist

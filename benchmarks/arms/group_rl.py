@@ -21,13 +21,13 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from benchmarks import interrupts, progress, utils
-from benchmarks.arms.common import compute_record, stage_flops
+from benchmarks import progress, utils
+from benchmarks.arms.common import compute_record, on_policy_setup, stage_flops, train_resumable
 from benchmarks.arms.registry import ArmFamily, ArmPlan, Method, fmt, register
 from benchmarks.arms.reward_model import RM_STAGE, rm_stage
 from benchmarks.errors import ConfigError, check
 from benchmarks.harness import Harness, Stage
-from benchmarks.stages import load_model, load_prompts, lora_key
+from benchmarks.stages import lora_key
 from benchmarks.tasks import models
 from methods import lora
 from methods.rlhf.group_trainer import GroupRLConfig
@@ -117,27 +117,10 @@ def _make_stage(algorithm: str, beta: float, seed: int) -> Stage:
     arm = group_arm_id(algorithm, beta, seed)
 
     def run(h: Harness, out: Path) -> dict:
-        from benchmarks.tasks.registry import task_gold
         from methods.rlhf.group_trainer import GroupRLTrainer
-        from methods.rlhf.reward_model import load_reward_model, make_reward_fn
 
         cfg = group_config(h.cfg, algorithm, beta, seed)
-        utils.seed_everything(seed)
-        policy, tok = load_model(h.path("sft"), h.device)
-        ref, _ = load_model(h.path("sft"), h.device)
-        rm = load_reward_model(h.path(RM_STAGE) / "rm").to(h.device).eval()
-        rows = load_prompts(h, "train")
-        prompt_text = {tuple(p["prompt_ids"]): p["prompt"] for p in rows}
-
-        def prompts_of(prompt_ids):  # the judge of the dialogue task scores (prompt, response)
-            return [prompt_text.get(tuple(x)) or tok.decode(x, skip_special_tokens=True) for x in prompt_ids]
-
-        def gold_fn(prompt_ids, completion_ids):  # monitor only: logged as objective/gold, never trained on
-            texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
-            return task_gold(h.cfg.task, texts, prompts_of(prompt_ids))
-
-        reward_fn = make_reward_fn(rm, pad_id=tok.pad_token_id, autocast=h.autocast())
-        policy = lora.add_adapters(policy, h.cfg.lora, seed=seed)  # same adapters as the PPO and DPO policies
+        policy, ref, tok, rm, reward_fn, rows, gold_fn = on_policy_setup(h, seed)
         tr = GroupRLTrainer(policy, ref, reward_fn, tok, [p["prompt_ids"] for p in rows], cfg, h.device,
                             autocast=h.autocast(), monitor=gold_fn)
         t = utils.Timer()
@@ -146,14 +129,7 @@ def _make_stage(algorithm: str, beta: float, seed: int) -> Stage:
                 b.to(rec["iteration"], kl=rec["objective/kl"], score=rec["objective/scores"], gold=rec.get("objective/gold"),
                      **{"tok/s": rec["tokens/sequence"] / max(rec["time/iteration"], 1e-9)})
 
-            ckpt = h.checkpoint_path(f"arm/{arm}")
-            if ckpt.exists() and tr.load_checkpoint(ckpt):  # (train() loads it too; this is to say so)
-                h.log(f"[arm/{arm}] resuming from iteration {tr.iteration} of {cfg.iterations} ({ckpt})")
-            with interrupts.graceful():  # SIGINT/SIGTERM: finish the iteration, checkpoint, exit (as the PPO arm)
-                hist = tr.train(on_log=on_log, checkpoint_path=ckpt, checkpoint_every=h.cfg.checkpoint_every_iterations,
-                                stop=interrupts.requested)
-                if interrupts.requested():
-                    interrupts.stop_with_checkpoint(tr, ckpt, f"arm/{arm}", tr.iteration, cfg.iterations, "iteration")
+            hist = train_resumable(h, arm, tr, cfg.iterations, on_log)
         train_s = t.elapsed
         policy = lora.merged(policy)
         policy.save_pretrained(out / "model")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import interrupts, progress, utils
-from benchmarks.arms.common import compute_record, stage_flops
+from benchmarks import progress, utils
+from benchmarks.arms.common import compute_record, gold_monitor, stage_flops, train_resumable
 from benchmarks.arms.registry import ArmFamily, ArmPlan, Method, fmt, register
 from benchmarks.arms.reward_model import RM_STAGE, rm_stage
 from benchmarks.harness import Harness, Stage
@@ -46,7 +46,6 @@ def _make_ppo_stage(kind: str, kl_coef: float | None, target_kl: float | None, s
     arm = ppo_arm_id(kind, kl_coef, target_kl, seed)
 
     def run(h: Harness, out: Path) -> dict:
-        from benchmarks.tasks.registry import task_gold
         from methods.rlhf.ppo import KLBlowupError, PPOTrainer
         from methods.rlhf.reward_model import load_reward_model, make_reward_fn, value_model_from_reward_model
 
@@ -55,15 +54,11 @@ def _make_ppo_stage(kind: str, kl_coef: float | None, target_kl: float | None, s
         policy, tok = load_model(h.path("sft"), h.device)
         ref, _ = load_model(h.path("sft"), h.device)
         rm = load_reward_model(h.path(RM_STAGE) / "rm").to(h.device).eval()
-        prompt_text = {tuple(p["prompt_ids"]): p["prompt"] for p in load_prompts(h, "train")}
-
-        def prompts_of(prompt_ids):  # the judge of the dialogue task scores (prompt, response)
-            return [prompt_text.get(tuple(x)) or tok.decode(x, skip_special_tokens=True) for x in prompt_ids]
-
+        rows = load_prompts(h, "train")
+        gold_fn = gold_monitor(h, tok, rows)
         if kind == "ppogt":  # the explicitly named upper-bound arm: PPO on the gold reward itself
             def reward_fn(prompt_ids, completion_ids):
-                texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
-                return torch.tensor(task_gold(h.cfg.task, texts, prompts_of(prompt_ids)))
+                return torch.tensor(gold_fn(prompt_ids, completion_ids))
         else:
             reward_fn = make_reward_fn(rm, pad_id=tok.pad_token_id, autocast=h.autocast())
         gold_log: list[float] = []
@@ -71,15 +66,14 @@ def _make_ppo_stage(kind: str, kl_coef: float | None, target_kl: float | None, s
 
         def reward_fn(prompt_ids, completion_ids):  # noqa: F811 - monitor only: gold is logged, never returned
             scores = rm_fn(prompt_ids, completion_ids)
-            texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
-            gold = task_gold(h.cfg.task, texts, prompts_of(prompt_ids))
-            gold_log.append(float(sum(gold) / max(1, len(texts))))  # this rank's rollouts (all of them in one process)
+            gold = gold_fn(prompt_ids, completion_ids)
+            gold_log.append(float(sum(gold) / max(1, len(completion_ids))))  # this rank's rollouts (all in one process)
             return scores
         value = value_model_from_reward_model(rm) if cfg.value_model == "separate" else None
         policy = lora.add_adapters(policy, h.cfg.lora, seed=seed)  # same adapters as the DPO policy
         if value is not None:
             value.backbone = lora.add_adapters(value.backbone, h.cfg.lora, seed=seed)
-        prompts = [p["prompt_ids"] for p in load_prompts(h, "train")]
+        prompts = [p["prompt_ids"] for p in rows]
         tr = PPOTrainer(policy, ref, reward_fn, value, tok, prompts, cfg, h.device, autocast=h.autocast(),
                         accelerator=h.accelerator)  # None = one process; else rollouts sharded over the ranks
         t = utils.Timer()
@@ -91,14 +85,7 @@ def _make_ppo_stage(kind: str, kl_coef: float | None, target_kl: float | None, s
                     b.to(rec["iteration"], kl=rec["objective/kl"], score=rec["objective/scores"], gold=gold_log[-1],
                          **{"tok/s": rec["tokens/sequence"] / max(rec["time/iteration"], 1e-9)})
 
-                ckpt = h.checkpoint_path(f"arm/{arm}")
-                if ckpt.exists() and tr.load_checkpoint(ckpt):  # (train() loads it too; this is to say so)
-                    h.log(f"[arm/{arm}] resuming from iteration {tr.iteration} of {cfg.iterations} ({ckpt})")
-                with interrupts.graceful():
-                    hist = tr.train(on_log=on_log, checkpoint_path=ckpt, checkpoint_every=h.cfg.checkpoint_every_iterations,
-                                    stop=interrupts.requested)
-                    if interrupts.requested():
-                        interrupts.stop_with_checkpoint(tr, ckpt, f"arm/{arm}", tr.iteration, cfg.iterations, "iteration")
+                hist = train_resumable(h, arm, tr, cfg.iterations, on_log)
         except KLBlowupError as e:
             hist, status = tr.history, f"stopped: {e}"
         train_s = t.elapsed

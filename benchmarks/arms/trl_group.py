@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks import utils
-from benchmarks.arms.common import compute_record, stage_flops
+from benchmarks.arms.common import compute_record, gold_monitor, stage_flops
 from benchmarks.arms.group_rl import group_arm_id, group_config
 from benchmarks.arms.registry import ArmFamily, ArmPlan, Method, register
 from benchmarks.arms.reward_model import RM_STAGE, rm_stage
@@ -26,7 +26,6 @@ def _make_stage(algorithm: str, beta: float, seed: int) -> Stage:
         import shutil
         import warnings
 
-        from benchmarks.tasks.registry import task_gold
         from methods.baselines.trl_group import train_trl_group
         from methods.rlhf.reward_model import load_reward_model, make_reward_fn
 
@@ -36,10 +35,7 @@ def _make_stage(algorithm: str, beta: float, seed: int) -> Stage:
         rm = load_reward_model(h.path(RM_STAGE) / "rm").to(h.device).eval()
         rows = load_prompts(h, "train")
 
-        def gold_fn(prompt_ids, completion_ids):  # monitor only: logged as objective/gold, never trained on
-            texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
-            return task_gold(h.cfg.task, texts, tok.batch_decode(prompt_ids, skip_special_tokens=True))
-
+        gold_fn = gold_monitor(h, tok, rows)
         reward_fn = make_reward_fn(rm, pad_id=tok.pad_token_id, autocast=h.autocast())
         t = utils.Timer()
         with warnings.catch_warnings():

@@ -125,8 +125,12 @@ def _frontier_claim(t: Tables, a: str, b: str, what: str, keep=None, a_label: st
        "Rafailov et al. 2023 (the loss at pi = pi_ref)")
 def dpo_sanity(t: Tables) -> dict:
     s = t.at_t()
-    # offline DPO only: online DPO shares the loss but logs its first iteration's mean, after that iteration's steps
-    arms = s[(s.method == "dpo") & (s.get("loss_type") == "sigmoid") & s.arm.isin(list(t.curves))].arm.tolist() \
+    from benchmarks.arms.registry import method
+
+    # offline arms only (ours and the TRL peer): online DPO shares the loss but logs its first iteration's mean,
+    # after that iteration's steps
+    offline = s.method.map(lambda m: method(m).kind == "offline_preference")
+    arms = s[offline & (s.get("loss_type") == "sigmoid") & s.arm.isin(list(t.curves))].arm.tolist() \
         if "loss_type" in s else []
     if not arms:
         return missing("no sigmoid-DPO arm with a training curve")
