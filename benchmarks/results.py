@@ -36,7 +36,9 @@ def _arm_meta(name: str, summary: dict | None) -> dict:
     return {"method": s.get("method", name.split("-")[0]), "config": config_id(name), "loss_type": s.get("loss_type", ""),
             **{k: s.get(k, np.nan) for k in HPARAMS}, "seed": s.get("seed", 0), "train_s": s.get("time/train_s", np.nan),
             "train_tokens_per_s": s.get("tokens_per_s", np.nan), "heldout_acc": s.get("heldout_acc_after", np.nan),
-            "epochs": s.get("epochs", np.nan), "rm_accuracy": s.get("rm_accuracy", np.nan), "rm_gold_pearson": s.get("rm_gold_pearson", np.nan),
+            "epochs": s.get("epochs", np.nan), "rm_accuracy": s.get("rm_accuracy", np.nan),
+            # online DPO's sampler refresh interval (never refreshed = inf); NaN for every other method
+            "sync_interval": (np.inf if s["sync_interval"] is None else s["sync_interval"]) if "sync_interval" in s else np.nan, "rm_gold_pearson": s.get("rm_gold_pearson", np.nan),
             **{k: s[k] for k in s if k.startswith("time/") and k.endswith("_s")},
             # compute accounting (benchmarks/arms/common.py::compute_record): tokens_forward / _trained / _generated,
             # flops_own, flops_shared (reward model, pi_ref log-probs), flops = the cost of this arm alone

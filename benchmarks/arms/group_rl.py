@@ -62,7 +62,7 @@ class GroupArmConfig:
     """null = rlhf.ppo.max_new_tokens."""
     trl_peer: bool = False
     """Also train TRL 1.16's trainer for this algorithm (GRPOTrainer / RLOOTrainer, ``benchmarks/arms/trl_group.py``)
-    at the first beta and the first seed, configured to match ours (a parity and speed peer, shown beside ours)."""
+    at the first beta and every seed, configured to match ours (a parity and speed peer, shown beside ours)."""
 
     def validate(self, key: str) -> None:
         check(len(self.betas) > 0, f"{key}.betas", "give at least one beta, e.g. [0.05]")

@@ -1,7 +1,9 @@
 """TRL 1.16's ``GRPOTrainer`` and ``RLOOTrainer`` as peers of our GRPO and RLOO (``methods/baselines/trl_group``):
 the same SFT policy, prompts, reward model stage and budget, configured to match ours (beta > 0, the same k,
-completions per step, lr, temperature, completion length), at the first beta and the first seed of
-``arms.<algorithm>`` when its ``trl_peer`` is true. Arm ids ``trl-grpo-kl<beta>-s<seed>``, ``trl-rloo-...``."""
+completions per step, lr, temperature, completion length), at the first beta of ``arms.<algorithm>`` and every
+suite seed when its ``trl_peer`` is true: unlike the DPO peer (whose numbers equal ours, so one seed suffices), an RL
+peer samples with its own random streams (``model.generate``), so only seed distributions can be compared. Arm ids
+``trl-grpo-kl<beta>-s<seed>``, ``trl-rloo-...``."""
 
 from __future__ import annotations
 
@@ -75,7 +77,8 @@ class _TRLGroupFamily(ArmFamily):
         check(c.lora is None, f"arms.{self.algorithm}.trl_peer", "the TRL peer trains full weights: set it to false "
               "with LoRA adapters")
         p.need(rm_stage())
-        p.add_arm(_make_stage(self.algorithm, a.betas[0], c.seeds[0]))
+        for seed in c.seeds:
+            p.add_arm(_make_stage(self.algorithm, a.betas[0], seed))
         return p
 
 

@@ -92,7 +92,7 @@ def sensitivity(summary: pd.DataFrame, fam: str) -> dict:
     """A family's tuning budget and how its outcome moves over it: one row per configuration (means and seed sd)."""
     g = _configs(summary)
     g = g[g.method == fam]
-    axes = [c for c in HPARAMS if c in g and g[c].nunique(dropna=True) > 1]
+    axes = [c for c in (*HPARAMS, "epochs", "sync_interval") if c in g and g[c].nunique(dropna=False) > 1]
     if "loss_type" in g and g.loss_type.nunique() > 1:
         axes.append("loss_type")
     rows = []
