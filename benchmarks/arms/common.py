@@ -166,6 +166,6 @@ def train_resumable(h: Harness, arm: str, trainer, iterations: int, on_log) -> l
     with interrupts.graceful():
         hist = trainer.train(on_log=on_log, checkpoint_path=ckpt, checkpoint_every=h.cfg.checkpoint_every_iterations,
                              stop=interrupts.requested)
-        if interrupts.requested() and trainer.iteration < iterations:
+        if interrupts.requested():  # (also after the last iteration: the re-run then resumes at the end, instantly)
             interrupts.stop_with_checkpoint(trainer, ckpt, f"arm/{arm}", trainer.iteration, iterations, "iteration")
     return hist
