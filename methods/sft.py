@@ -115,7 +115,7 @@ def train_lm(model, batches: Iterator, *, steps: int, lr: float, warmup_steps: i
 
     if checkpoint_path is not None and Path(checkpoint_path).exists():
         ck = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        if ck.get("meta") == meta and ck["step"] < steps:
+        if ck.get("meta") == meta and ck["step"] <= steps:
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["opt"])
             sched.load_state_dict(ck["sched"])
@@ -145,14 +145,12 @@ def train_lm(model, batches: Iterator, *, steps: int, lr: float, warmup_steps: i
                             "tokens_seen": tokens, "tokens_per_s": tps, "grad_norm": float(gnorm)})
             bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tps:,.0f}")
         done = step + 1
-        if checkpoint_path is not None and done < steps:
-            if stop is not None and stop():
+        if stop is not None and stop():  # (after the last step too: the stage has not finished, the re-run resumes)
+            if checkpoint_path is not None:
                 save(done)
-                raise TrainingStopped(done, steps)
-            if checkpoint_every and done % checkpoint_every == 0:
-                save(done)
-        elif stop is not None and done < steps and stop():
             raise TrainingStopped(done, steps)
+        if checkpoint_path is not None and checkpoint_every and done % checkpoint_every == 0 and done < steps:
+            save(done)
     model.eval()
     return history
 
