@@ -286,6 +286,10 @@ class RLHFSection:
     preferred_ft: bool = False
     """Preferred-FT baseline: supervised fine-tuning of pi_ref on the chosen completions."""
     preferred_ft_steps: int = 100
+    rm_scale_samples: int = 1024
+    """pi_ref samples (one per training prompt, rollout settings of ``ppo``) on which the RM's gain and bias are fitted
+    (stage ``arm/rm-scale``): every on-policy arm that normalises rewards trains on ``(r - mean) / std`` of these,
+    so pi_ref scores mean 0 / std 1 for PPO, RLOO, GRPO and online DPO alike ([N-details] reward normalisation)."""
 
     def validate(self, key: str) -> None:
         for i, b in enumerate(self.kl_coefs):
@@ -296,6 +300,8 @@ class RLHFSection:
             _check(n >= 1, f"{key}.best_of_n[{i}]", f"N must be >= 1, got {n}")
         _check(0 < self.strong_ema_decay < 1, f"{key}.strong_ema_decay", "must be in (0, 1)")
         _check(self.preferred_ft_steps >= 1, f"{key}.preferred_ft_steps", "must be >= 1")
+        _check(isinstance(self.rm_scale_samples, int) and self.rm_scale_samples >= 2, f"{key}.rm_scale_samples",
+               f"must be an integer >= 2 (pi_ref samples to fit the RM's scale on), got {self.rm_scale_samples!r}")
 
 
 @dataclass

@@ -90,7 +90,7 @@ def collect(h, run_dir: Path) -> dict:
     from benchmarks.harness import provenance
 
     failed = dict(getattr(h, "failed", {}))
-    from benchmarks.evaluators.diagnostics import run_diagnostics
+    from benchmarks.evaluators.diagnostics import RL_RANGES, rl_health_table, run_diagnostics
 
     curves = {}
     for n, r in res.items():
@@ -104,7 +104,9 @@ def collect(h, run_dir: Path) -> dict:
     out = {"suite": h.cfg.name, "run_id": getattr(h, "run_id", None), "provenance": provenance(h.device, h.cfg.dtype), "seeds": h.cfg.seeds,
            "noise_floor": NOISE, "methods": describe(summary.method.unique()), "arms": summary.replace({np.nan: None}).to_dict("records"),
            "by_config": by_config.replace({np.nan: None}).to_dict("records"), "failed_arms": failed,
-           "diagnostics": diags}
+           "diagnostics": diags,
+           "rl_health": {"ranges": RL_RANGES, "arms": rl_health_table(
+               summary[summary.temperature == t_main].to_dict("records"), curves)}}
     out["comparisons"] = comparisons(summary[summary.temperature == t_main])
     out["verdict"] = build_verdict(samples, summary, suite=h.cfg.name, temperature=t_main,
                                    commit=out["provenance"].get("git_sha"), seed=h.cfg.eval.seed)

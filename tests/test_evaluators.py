@@ -79,3 +79,46 @@ def test_arm_metrics_against_hand_values():
     assert m["win_vs_chosen"] == pytest.approx((0 + 0.5 + 1) / 3)
     assert m["kl"] == pytest.approx(1.0) and m["negative_kl_share"] == pytest.approx(1 / 3)
     assert m["length"] == 4.0 and m["distinct_1"] == pytest.approx(2 / 5)
+
+
+# ------------------------------------------------------------------------------------------ on-policy health
+def _curve(n=40, clip=0.1, akl=0.01, ev=0.5, beta=(0.3, 0.3), kl=(0.0, 6.0), length=(18.0, 18.0)):
+    lin = lambda a, b, i: a + (b - a) * i / (n - 1)  # noqa: E731
+    return [{"policy/clipfrac": clip, "policy/approxkl": akl, "val/explained_variance": ev if i >= 5 else -3.0,
+             "objective/kl_coef": lin(*beta, i), "objective/kl": lin(*kl, i), "objective/completion_len": lin(*length, i)}
+            for i in range(n)]
+
+
+def test_rl_health_healthy_run_raises_no_flag():
+    from benchmarks.evaluators.diagnostics import rl_health
+
+    h = rl_health(_curve(), target_kl=6.0)
+    assert h["flags"] == []
+    assert h["clipfrac"] == pytest.approx(0.1) and h["explained_variance"] == pytest.approx(0.5)  # warm-up excluded
+    assert h["kl_final"] == pytest.approx(np.median([6.0 * i / 39 for i in range(36, 40)]))
+
+
+@pytest.mark.parametrize(("kw", "flag"), [
+    ({"clip": 0.4}, "clipfrac_high"),
+    ({"akl": 0.2}, "approxkl_high"),
+    ({"ev": -0.5}, "critic_poor"),
+    ({"kl": (0.0, 25.0)}, "kl_off_target"),
+    ({"length": (18.0, 6.0)}, "length_collapse"),
+    ({"length": (18.0, 24.0)}, "length_growth"),
+    ({"beta": (0.3, 0.04)}, "beta_runaway"),
+])
+def test_rl_health_flags_each_range(kw, flag):
+    """The default suite's PPO at 16d4824 (clipfrac 0.49, explained variance -6, length 18 -> 6, beta 0.3 -> 4.06)
+    would raise these; each range on its own."""
+    from benchmarks.evaluators.diagnostics import rl_health
+
+    flags = [f for f, _ in rl_health(_curve(**kw), target_kl=6.0)["flags"]]
+    assert flags == [flag]
+
+
+def test_rl_health_table_reads_only_ppo_style_curves():
+    from benchmarks.evaluators.diagnostics import rl_health_table
+
+    arms = [{"arm": "ppo-tkl6-s0", "target_kl": 6.0}, {"arm": "dpo-sigmoid-b0.1-s0", "target_kl": float("nan")}]
+    rows = rl_health_table(arms, {"ppo-tkl6-s0": _curve(clip=0.3), "dpo-sigmoid-b0.1-s0": [{"loss": 0.6}]})
+    assert [r["arm"] for r in rows] == ["ppo-tkl6-s0"] and rows[0]["flags"] == ["clipfrac_high"]

@@ -107,6 +107,35 @@ def test_from_causal_lm_copies_the_backbone(tiny_lm):
     assert v.head.weight.data_ptr() != rm.head.weight.data_ptr() and _params_equal(v, rm)
 
 
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_value_model_starts_on_the_normalised_scale_with_matching_pooling(tiny_lm, pooling):
+    """The critic copy reads states as the RM was trained (prefix means for a mean-pooled RM), and its head is the
+    RM's normalised by (mean, std): at each sequence's last token its value is exactly (RM score - mean) / std."""
+    rm = ScalarRewardModel.from_causal_lm(tiny_lm[0], pooling=pooling, init_seed=3)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 60, (3, 7), generator=g)
+    attn = torch.ones_like(ids)
+    attn[1, 5:] = 0  # right padding
+    attn[2, 3:] = 0
+    mean, std = 0.7, 2.5
+    v = value_model_from_reward_model(rm, mean=mean, std=std)
+    assert v.token_pooling == ("prefix_mean" if pooling == "mean" else "position")
+    with torch.no_grad():
+        values = v.token_values(ids, attn)  # [B, T]
+        scores = rm(ids, attn)
+        last = attn.sum(1) - 1
+        torch.testing.assert_close(values[torch.arange(3), last], (scores - mean) / std, rtol=1e-5, atol=1e-5)
+        # every prefix: the value at t is the normalised score of the sequence cut after t
+        for t in range(1, 7):
+            cut = attn.clone()
+            cut[:, t + 1:] = 0
+            keep = attn[:, t].bool()
+            torch.testing.assert_close(values[keep, t], ((rm(ids, cut) - mean) / std)[keep], rtol=1e-5, atol=1e-5)
+    assert rm.head.weight.data_ptr() != v.head.weight.data_ptr()  # the RM itself is untouched
+    with pytest.raises(ValueError, match="std > 0"):
+        value_model_from_reward_model(rm, std=0.0)
+
+
 def test_learns_separable_preference(tiny_lm):
     lm, tok = tiny_lm
     ref = copy.deepcopy(lm)

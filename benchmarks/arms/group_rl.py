@@ -24,7 +24,8 @@ from pathlib import Path
 from benchmarks import progress, utils
 from benchmarks.arms.common import compute_record, on_policy_setup, stage_flops, train_resumable
 from benchmarks.arms.registry import ArmFamily, ArmPlan, Method, fmt, register
-from benchmarks.arms.reward_model import RM_STAGE, rm_stage
+from benchmarks.arms.ppo import scaled_by_stage
+from benchmarks.arms.reward_model import RM_SCALE_STAGE, RM_STAGE, rm_scale, rm_scale_stage, rm_stage
 from benchmarks.errors import ConfigError, check
 from benchmarks.harness import Harness, Stage
 from benchmarks.stages import lora_key
@@ -57,7 +58,11 @@ class GroupArmConfig:
     scale_rewards: bool = True
     """GRPO: divide advantages by the group's std (TRL's default); false = Dr. GRPO's mean baseline."""
     reward_norm: bool | None = None
-    """null = rlhf.ppo.reward_norm (normalise RM scores with the first rollouts' statistics)."""
+    """null = rlhf.ppo.reward_norm (normalise RM scores: with the ``arm/rm-scale`` stage's gain and bias when PPO's
+    ``reward_norm_stats`` is ``given``, else with the first rollouts' statistics)."""
+    kl_grad: str = "k3_ratio"
+    """GRPO: the KL term's gradient, ``k3_ratio`` (reverse KL(pi || pi_ref), TRL's default) or ``k3`` (forward KL,
+    DeepSeekMath); see ``methods.rlhf.group.KL_GRADS``."""
     max_new_tokens: int | None = None
     """null = rlhf.ppo.max_new_tokens."""
     trl_peer: bool = False
@@ -99,7 +104,7 @@ def group_config(c, algorithm: str, beta: float, seed: int) -> GroupRLConfig:
         minibatch_size=pick(a.minibatch_size, ppo.minibatch_size), epochs=a.epochs, clip_eps=a.clip_eps,
         lr=pick(a.lr, ppo.lr), iterations=pick(a.iterations, ppo.iterations),
         max_new_tokens=pick(a.max_new_tokens, ppo.max_new_tokens), temperature=ppo.temperature,
-        scale_rewards=a.scale_rewards, reward_norm=pick(a.reward_norm, ppo.reward_norm), grad_clip=ppo.grad_clip,
+        scale_rewards=a.scale_rewards, kl_grad=a.kl_grad, reward_norm=pick(a.reward_norm, ppo.reward_norm), grad_clip=ppo.grad_clip,
         adam_eps=ppo.adam_eps, generation_batch_size=ppo.generation_batch_size,
         forward_batch_size=ppo.forward_batch_size, seed=seed)
     try:
@@ -113,7 +118,7 @@ def group_config(c, algorithm: str, beta: float, seed: int) -> GroupRLConfig:
     return cfg
 
 
-def _make_stage(algorithm: str, beta: float, seed: int) -> Stage:
+def _make_stage(algorithm: str, beta: float, seed: int, scaled: bool) -> Stage:
     arm = group_arm_id(algorithm, beta, seed)
 
     def run(h: Harness, out: Path) -> dict:
@@ -122,7 +127,8 @@ def _make_stage(algorithm: str, beta: float, seed: int) -> Stage:
         cfg = group_config(h.cfg, algorithm, beta, seed)
         policy, ref, tok, rm, reward_fn, rows, gold_fn = on_policy_setup(h, seed)
         tr = GroupRLTrainer(policy, ref, reward_fn, tok, [p["prompt_ids"] for p in rows], cfg, h.device,
-                            autocast=h.autocast(), monitor=gold_fn)
+                            autocast=h.autocast(), monitor=gold_fn,
+                            reward_scale=rm_scale(h) if scaled and cfg.reward_norm else None)
         t = utils.Timer()
         with progress.bar(cfg.iterations, f"arm/{arm}", unit="it") as b:
             def on_log(rec):
@@ -156,7 +162,9 @@ def _make_stage(algorithm: str, beta: float, seed: int) -> Stage:
 
     key = lambda c: {"group": asdict(group_config(c, algorithm, beta, seed)), "dtype": c.dtype,  # noqa: E731
                      "target": c.task.target, "gold": c.task.gold} | lora_key(c)
-    return Stage(f"arm/{arm}", ("sft", "prompts", RM_STAGE), key, run)
+    deps = ("sft", "prompts", RM_STAGE) + ((RM_SCALE_STAGE,) if scaled else ())
+    key_v = (lambda c: key(c) | {"reward_scale": "arm/rm-scale"}) if scaled else key  # noqa: E731
+    return Stage(f"arm/{arm}", deps, key_v, run)
 
 
 class _GroupFamily(ArmFamily):
@@ -172,9 +180,13 @@ class _GroupFamily(ArmFamily):
         for b in a.betas:
             group_config(c, self.name, b, c.seeds[0])  # every grid point's trainer config is valid, before any stage
         p.need(rm_stage())
+        # rewards on the RM's pi_ref scale (stage arm/rm-scale) whenever PPO's are: one scale for every RL family
+        scaled = scaled_by_stage(c.rlhf.ppo) and group_config(c, self.name, a.betas[0], c.seeds[0]).reward_norm
+        if scaled:
+            p.need(rm_scale_stage())
         for seed in c.seeds:
             for b in a.betas:
-                p.add_arm(_make_stage(self.name, b, seed))
+                p.add_arm(_make_stage(self.name, b, seed, scaled))
         return p
 
 

@@ -15,7 +15,7 @@ import torch
 from benchmarks import progress, utils
 from benchmarks.arms.common import compute_record, gold_monitor, stage_flops, train_resumable
 from benchmarks.arms.registry import ArmFamily, ArmPlan, Method, fmt, register
-from benchmarks.arms.reward_model import RM_STAGE, rm_stage
+from benchmarks.arms.reward_model import RM_SCALE_STAGE, RM_STAGE, rm_scale, rm_scale_stage, rm_stage
 from benchmarks.harness import Harness, Stage
 from benchmarks.stages import load_model, load_prompts, lora_key
 from benchmarks.tasks import models
@@ -39,10 +39,17 @@ def ppo_config(c, kind: str, kl_coef: float | None, target_kl: float | None, see
         # the same episode budget as paper PPO (4x the batch, 1/4 of the iterations): identical budgets
         kw.update(rollout_batch_size=base.rollout_batch_size * 4, minibatch_size=base.minibatch_size * 4,
                   iterations=max(1, base.iterations // 4), whiten_advantages=True, ema_ref_decay=c.rlhf.strong_ema_decay)
+    if kind == "ppogt" and base.reward_norm_stats == "given":
+        kw["reward_norm_stats"] = "first"  # PPO-GT trains on gold: the RM's gain and bias do not apply to it
     return dataclasses.replace(base, **kw)
 
 
-def _make_ppo_stage(kind: str, kl_coef: float | None, target_kl: float | None, seed: int) -> Stage:
+def scaled_by_stage(cfg) -> bool:
+    """Whether the arm's rewards are normalised with the ``arm/rm-scale`` stage's gain and bias."""
+    return bool(cfg.reward_norm and cfg.reward_norm_stats == "given")
+
+
+def _make_ppo_stage(kind: str, kl_coef: float | None, target_kl: float | None, seed: int, scaled: bool) -> Stage:
     arm = ppo_arm_id(kind, kl_coef, target_kl, seed)
 
     def run(h: Harness, out: Path) -> dict:
@@ -69,13 +76,16 @@ def _make_ppo_stage(kind: str, kl_coef: float | None, target_kl: float | None, s
             gold = gold_fn(prompt_ids, completion_ids)
             gold_log.append(float(sum(gold) / max(1, len(completion_ids))))  # this rank's rollouts (all in one process)
             return scores
-        value = value_model_from_reward_model(rm) if cfg.value_model == "separate" else None
+        scale = rm_scale(h) if scaled_by_stage(cfg) else None
+        # the critic starts on the returns' scale: a copy of the RM normalised as the scores are (N-details)
+        value = (value_model_from_reward_model(rm, **({"mean": scale[0], "std": scale[1]} if scale else {}))
+                 if cfg.value_model == "separate" else None)
         policy = lora.add_adapters(policy, h.cfg.lora, seed=seed)  # same adapters as the DPO policy
         if value is not None:
             value.backbone = lora.add_adapters(value.backbone, h.cfg.lora, seed=seed)
         prompts = [p["prompt_ids"] for p in rows]
         tr = PPOTrainer(policy, ref, reward_fn, value, tok, prompts, cfg, h.device, autocast=h.autocast(),
-                        accelerator=h.accelerator)  # None = one process; else rollouts sharded over the ranks
+                        accelerator=h.accelerator, reward_scale=scale)  # accelerator None = one process
         t = utils.Timer()
         status = "ok"
         try:
@@ -117,7 +127,8 @@ def _make_ppo_stage(kind: str, kl_coef: float | None, target_kl: float | None, s
 
     key = lambda c: {"ppo": asdict(ppo_config(c, kind, kl_coef, target_kl, seed)), "kind": kind, "dtype": c.dtype,  # noqa: E731
                      "target": c.task.target, "gold": c.task.gold} | lora_key(c)
-    return Stage(f"arm/{arm}", ("sft", "prompts", RM_STAGE), key, run, version=3)
+    deps = ("sft", "prompts", RM_STAGE) + ((RM_SCALE_STAGE,) if scaled else ())
+    return Stage(f"arm/{arm}", deps, key, run, version=4)
 
 
 @register
@@ -135,10 +146,13 @@ class PPO(ArmFamily):
             return p
         r = c.rlhf
         p.need(rm_stage())
+        scaled = scaled_by_stage(r.ppo)
+        if scaled:
+            p.need(rm_scale_stage())
         grid = [(k, None) for k in r.kl_coefs] + [(None, t) for t in r.target_kls] or [(r.ppo.init_kl_coef, r.ppo.target_kl)]
         for seed in c.seeds:
             kinds = [("ppo", g) for g in grid] + ([("sppo", grid[0])] if r.strong_ppo else []) \
                 + ([("ppogt", grid[0])] if r.ppo_gt else [])
             for kind, (kl, tkl) in kinds:
-                p.add_arm(_make_ppo_stage(kind, kl, tkl, seed))
+                p.add_arm(_make_ppo_stage(kind, kl, tkl, seed, scaled))
         return p

@@ -4,6 +4,7 @@ accuracy and gold correlation sit beside every PPO row: the RM is the main confo
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from benchmarks.tasks import models
 from methods import lora
 
 RM_STAGE = "arm/rm"
+RM_SCALE_STAGE = "arm/rm-scale"
 
 
 def _rm(h: Harness, out: Path) -> dict:
@@ -58,3 +60,46 @@ def rm_stage() -> Stage:
     return Stage(RM_STAGE, ("sft", "prefs", "prompts"), lambda c: {
         "rm": asdict(c.rlhf.rm), "dtype": c.dtype, "heldout": heldout_fraction(c), "eval_max_new": c.eval.max_new_tokens,
         "gold": c.task.gold} | lora_key(c), _rm, version=2)
+
+
+def _rm_scale(h: Harness, out: Path) -> dict:
+    """The RM's gain and bias under pi_ref ([N-details] reward normalisation): pi_ref's completions of
+    ``rlhf.rm_scale_samples`` training prompts, sampled as the on-policy rollouts are (shared sampler, the PPO
+    config's temperature and max_new_tokens, EOS appended where the sample stopped) and scored through the same
+    ``reward_fn`` the rollouts are scored with. Every on-policy arm that normalises rewards divides by these."""
+    import numpy as np
+    import torch
+
+    from methods.rlhf.reward_model import load_reward_model, make_reward_fn
+    from methods.sampling import derive_seed, sample
+
+    r, ppo = h.cfg.rlhf, h.cfg.rlhf.ppo
+    ref, tok = load_model(h.path("sft"), h.device)
+    rm = load_reward_model(h.path(RM_STAGE) / "rm").to(h.device).eval()
+    rows = load_prompts(h, "train")
+    idx = np.random.default_rng(derive_seed(h.cfg.seed, 17)).permutation(len(rows))[: r.rm_scale_samples]
+    prompts = [rows[int(i)]["prompt_ids"] for i in idx]
+    with torch.inference_mode():
+        s = sample(ref, prompts, max_new_tokens=ppo.max_new_tokens, temperature=ppo.temperature,
+                   seeds=[derive_seed(h.cfg.seed, 18, int(i)) for i in idx], eos_token_id=tok.eos_token_id,
+                   pad_token_id=tok.pad_token_id, autocast=h.autocast())
+    comps = [c + [tok.eos_token_id] if e else list(c) for c, e in zip(s.completions, s.ended, strict=True)]
+    scores = make_reward_fn(rm, pad_id=tok.pad_token_id, autocast=h.autocast())(prompts, comps).double()
+    mean, std = float(scores.mean()), float(scores.std())
+    if not (math.isfinite(mean) and std > 1e-6):
+        raise ValueError(f"{RM_SCALE_STAGE}: the RM scores pi_ref's {len(comps)} samples with mean {mean} and std {std}; "
+                         "a reward model that does not separate pi_ref's samples cannot be normalised (retrain it)")
+    return {"rm_scale_mean": mean, "rm_scale_std": std, "samples": len(comps),
+            "length_mean": float(np.mean([len(c) for c in comps])), "eos_frac": float(np.mean(s.ended))}
+
+
+def rm_scale_stage() -> Stage:
+    return Stage(RM_SCALE_STAGE, ("sft", "prompts", RM_STAGE), lambda c: {
+        "n": c.rlhf.rm_scale_samples, "T": c.rlhf.ppo.temperature, "max_new_tokens": c.rlhf.ppo.max_new_tokens,
+        "seed": c.seed, "dtype": c.dtype}, _rm_scale)
+
+
+def rm_scale(h: Harness) -> tuple[float, float]:
+    """(mean, std) of the RM on pi_ref's samples (stage ``arm/rm-scale``)."""
+    s = h.results[RM_SCALE_STAGE].summary
+    return float(s["rm_scale_mean"]), float(s["rm_scale_std"])

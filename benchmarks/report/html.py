@@ -180,6 +180,28 @@ def _data_uri(png: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
 
 
+def rl_health_rows(h) -> dict | None:
+    """The on-policy health table: per arm, the trust-region and controller statistics with their N+ ranges."""
+    if not isinstance(h, dict) or not h.get("arms"):
+        return None
+    R = h.get("ranges") or {}
+
+    def f(x, spec):
+        return fmt(x, spec) if _isnum(x) else "\u2013"
+
+    rows = [{"arm": r["arm"], "clipfrac": f(r.get("clipfrac"), ".3f"), "approxkl": f(r.get("approxkl"), ".4f"),
+             "ev": f(r.get("explained_variance"), ".2f"),
+             "beta": f"{f(r.get('beta_0'), '.3g')} \u2192 {f(r.get('beta_final'), '.3g')} (min {f(r.get('beta_min'), '.3g')})",
+             "kl": f(r.get("kl_final"), ".2f") + (f" / {r['target_kl']:g}" if _isnum(r.get("target_kl")) else ""),
+             "length": f"{f(r.get('length_first'), '.1f')} \u2192 {f(r.get('length_final'), '.1f')}",
+             "flags": ", ".join(r.get("flags") or []) or "ok"} for r in h["arms"]]
+    ranges = (f"median clipfrac \u2264 {R.get('clipfrac')}, median approx KL \u2264 {R.get('approxkl')}, explained "
+              f"variance > {R.get('explained_variance')} after the first iterations, final KL within "
+              f"\u00b1{R.get('target_kl_rel', 0):.0%} of its target, completion length within \u00b1{R.get('length_rel', 0):.0%} "
+              f"of the first iteration's, \u03b2 within \u00d7{R.get('beta_ratio')} of \u03b2\u2080")
+    return {"rows": rows, "ranges": ranges}
+
+
 def _failed(failed: Any) -> list[dict]:
     if not failed:
         return []
@@ -255,6 +277,7 @@ def build_context(run: F.RunData, fig_paths: dict, fig_errors: dict) -> dict:
         "missing_curves": run.missing_curves,
         "diagnostics": [{"arm": str(d.get("arm", "")), "flag": str(d.get("flag", "")), "reason": str(d.get("reason", ""))}
                         for d in diagnostics] if isinstance(diagnostics, list) else None,
+        "rl_health": rl_health_rows(summary.get("rl_health")),
         "failed": _failed(summary.get("failed_arms", run.stages.get("failed"))),
         "samples": sample_browser(run, t),
         "note": NOTE.format(gold=noise.get("gold", "?"), win=noise.get("win_vs_sft", "?")),

@@ -115,18 +115,29 @@ def _seq_advantages(advantages: Tensor, logp: Tensor) -> Tensor:
     return advantages
 
 
-def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tensor, mask: Tensor, *,
-              clip_eps: float, beta: float) -> tuple[Tensor, dict[str, Tensor]]:
-    """GRPO loss, TRL 1.16's default aggregation (``loss_type="dapo"``): token mean over the batch of
+KL_GRADS = ("k3", "k3_ratio")
+"""GRPO's KL term in the loss. ``k3``: beta * k3_t, whose gradient (on-policy) is beta * (1 - pi_ref / pi) grad log pi:
+in expectation beta * grad KL(pi_ref || pi), the *forward* KL (DeepSeekMath's GRPO). ``k3_ratio``: beta * ratio_t *
+k3_t (TRL 1.16's ``use_bias_correction_kl=True``, DeepSeek-V3.2), whose gradient is beta * (log pi - log pi_ref) grad
+log pi: the unbiased gradient of the *reverse* KL(pi || pi_ref), the KL PPO and RLOO penalise in their rewards and
+the frontier measures."""
 
-        -min(ratio_t * A, clip(ratio_t, 1 - clip_eps, 1 + clip_eps) * A) + beta * k3_t,
-        ratio_t = exp(logp_t - old_logp_t),  k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1
+
+def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tensor, mask: Tensor, *,
+              clip_eps: float, beta: float, kl_grad: str = "k3") -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO loss, aggregated as a token mean over the minibatch (TRL 1.16's ``loss_type="bnpo"``):
+
+        -min(ratio_t * A, clip(ratio_t, 1 - clip_eps, 1 + clip_eps) * A) + beta * w_t * k3_t,
+        ratio_t = exp(logp_t - old_logp_t),  k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1,
+        w_t = 1 (``kl_grad="k3"``) or ratio_t (``"k3_ratio"``, TRL's ``use_bias_correction_kl``; see ``KL_GRADS``)
 
     ``logp`` (current policy, with grad), ``old_logp`` (rollout policy), ``ref_logp``, ``mask``: [B, T];
     ``advantages``: [B] (one per sequence, as ``grpo_advantages`` gives) or [B, T]. The KL term is
     differentiated through ``logp`` (it sits in the loss, not in the reward). Returns ``(loss, stats)`` with
-    detached ``kl`` (token mean of k3), ``clipfrac``, ``ratio_mean`` and ``pg_loss`` (the surrogate alone).
+    detached ``kl`` (token mean of k3, unweighted), ``clipfrac``, ``ratio_mean`` and ``pg_loss`` (the surrogate alone).
     """
+    if kl_grad not in KL_GRADS:
+        raise ValueError(f"kl_grad must be one of {KL_GRADS}, got {kl_grad!r}")
     if not beta >= 0:
         raise ValueError(f"beta must be >= 0, got {beta!r}")
     adv = _seq_advantages(advantages, logp)
@@ -138,8 +149,13 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tens
     zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
     # k3 on padding-zeroed inputs: garbage in padded positions can neither leak nor give NaN gradients
     k3 = kl_estimate(torch.where(m, lp, zero), torch.where(m, _upcast(ref_logp).detach().to(lp.dtype), zero), "k3")
-    kl = masked_mean(k3, m)  # [TRL-grpo] per_token_loss + beta * per_token_kl, summed / tokens ("dapo")
-    loss = pg + float(beta) * kl
+    kl = masked_mean(k3, m)
+    if kl_grad == "k3_ratio":  # [TRL-grpo] if use_bias_correction_kl: per_token_kl = per_token_kl * coef_1
+        w = torch.exp(torch.where(m, lp - _upcast(old_logp).detach().to(lp.dtype), zero))
+        kl_term = masked_mean(k3 * w, m)
+    else:
+        kl_term = kl
+    loss = pg + float(beta) * kl_term  # [TRL-grpo] per_token_loss + beta * per_token_kl, token mean ("bnpo")
     stats = {"kl": kl.detach(), "clipfrac": st["clipfrac"], "ratio_mean": st["ratio_mean"], "pg_loss": pg.detach()}
     return loss, stats
 

@@ -42,7 +42,7 @@ from methods.checkpointing import check_same_config, rng_state, set_rng_state
 from methods.data import collate
 from methods.logprobs import token_logps
 from methods.rl_loop import IterativeTrainer, Timers, all_finite, cpu_state, permuted_slots, prompts_digest
-from methods.rlhf.group import grpo_advantages, grpo_loss, kl_penalised_rewards, rloo_advantages, rloo_loss
+from methods.rlhf.group import KL_GRADS, grpo_advantages, grpo_loss, kl_penalised_rewards, rloo_advantages, rloo_loss
 from methods.rlhf.ppo_core import check_finite
 from methods.sampling import derive_seed, sample
 
@@ -77,6 +77,10 @@ class GroupRLConfig:
     """GRPO: divide by the group's std (TRL's scale_rewards='group'); False = mean baseline only (Dr. GRPO)."""
     adv_eps: float = 1e-4
     """GRPO: the std's epsilon (TRL: 1e-4)."""
+    kl_grad: str = "k3_ratio"
+    """GRPO: the KL term's gradient (``methods.rlhf.group.KL_GRADS``). ``k3_ratio`` (default; TRL 1.16's
+    ``use_bias_correction_kl=True``): the unbiased gradient of the reverse KL(pi || pi_ref), the KL the frontier
+    measures and PPO / RLOO penalise; ``k3``: DeepSeekMath's term, whose gradient is that of KL(pi_ref || pi)."""
     reward_norm: bool = False
     """Normalise reward_fn scores to mean 0 / std 1 with the first rollouts' statistics (from pi_ref), as PPO's
     reward_norm with reward_norm_stats='first' (matters for RLOO, whose beta weighs the KL against the score)."""
@@ -126,6 +130,7 @@ class GroupRLConfig:
             (pos(self.temperature), "temperature", "must be > 0 (a policy gradient needs a stochastic policy)"),
             (isinstance(self.scale_rewards, bool), "scale_rewards", "must be true or false"),
             (num(self.adv_eps) and self.adv_eps >= 0, "adv_eps", "must be >= 0"),
+            (self.kl_grad in KL_GRADS, "kl_grad", f"must be one of {KL_GRADS}"),
             (isinstance(self.reward_norm, bool), "reward_norm", "must be true or false"),
             (pos(self.grad_clip), "grad_clip", "must be > 0"),
             (pos(self.adam_eps), "adam_eps", "must be > 0"),
@@ -156,8 +161,11 @@ class GroupRLTrainer(IterativeTrainer):
     """
 
     def __init__(self, policy, ref_model, reward_fn: Callable, tokenizer, prompts: Sequence[Sequence[int]],
-                 cfg: GroupRLConfig, device: str | torch.device, autocast=None, monitor: Callable | None = None):
+                 cfg: GroupRLConfig, device: str | torch.device, autocast=None, monitor: Callable | None = None,
+                 reward_scale: tuple[float, float] | None = None):
         cfg.validate()
+        if reward_scale is not None and not (cfg.reward_norm and math.isfinite(reward_scale[0]) and reward_scale[1] > 0):
+            raise ValueError(f"reward_scale={reward_scale!r} needs reward_norm and a finite (mean, std > 0)")
         if policy is ref_model:
             raise ValueError("policy and ref_model are the same object: pass a trainable copy of pi_ref as policy")
         if not callable(reward_fn):
@@ -184,7 +192,10 @@ class GroupRLTrainer(IterativeTrainer):
         if not self._params:
             raise ValueError("the policy has no trainable parameters")
         self.opt = torch.optim.Adam(self._params, lr=cfg.lr, eps=cfg.adam_eps)
-        self._norm: tuple[float, float] | None = None
+        self._norm: tuple[float, float] | None = None if reward_scale is None else (float(reward_scale[0]),
+                                                                                      float(reward_scale[1]))
+        """(mean, std) of the reward normalisation: ``reward_scale`` (the RM's gain and bias under pi_ref), else the
+        first rollouts' statistics."""
         self._perms: dict[int, np.ndarray] = {}
         self.history: list[dict] = []
         self.iteration = 0
@@ -335,7 +346,7 @@ class GroupRLTrainer(IterativeTrainer):
                         pg, kl_loss = loss.detach(), 0.0
                     else:
                         loss, st = grpo_loss(lp, old_lp[mb, : T - 1], ref_lp[mb, : T - 1], advantages[mb], mm,
-                                             clip_eps=clip, beta=cfg.beta)
+                                             clip_eps=clip, beta=cfg.beta, kl_grad=cfg.kl_grad)
                         pg, kl_loss = st["pg_loss"], st["kl"]
                     check_finite("policy_loss", loss.detach(), phase="update", step=it)
                     self.opt.zero_grad(set_to_none=True)

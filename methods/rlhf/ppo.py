@@ -80,7 +80,7 @@ from methods.rlhf.ppo_core import (
 from methods.sampling import derive_seed, sample
 
 VALUE_MODES = ("separate", "shared")
-NORM_STATS = ("first", "running")
+NORM_STATS = ("first", "running", "given")
 
 
 class KLBlowupError(RuntimeError):
@@ -95,6 +95,13 @@ class PPOConfig:
     """Adaptive KL controller target (sequence KL, nats) [Ziegler19]; None = fixed beta."""
     kl_horizon: float = 10000.0
     """Adaptive controller horizon in episodes [Ziegler19]."""
+    kl_coef_min: float | None = None
+    """Adaptive controller: lower bound on beta (None = 0). See ``ppo_core.AdaptiveKLController``."""
+    kl_coef_max: float | None = None
+    """Adaptive controller: upper bound on beta (None = unbounded)."""
+    kl_hold_while_rising: bool = False
+    """Adaptive controller: take no *decrease* of beta while the KL is below target but still climbing (above the
+    EMA of its earlier measurements), so beta cannot collapse before the KL arrives and then overshoot."""
     kl_estimator: str = "k1"
     """Per-token KL estimator in the reward: k1 (log-ratio, the N-details reward) | k2 | k3."""
     rollout_batch_size: int = 64
@@ -120,7 +127,8 @@ class PPOConfig:
     reward_norm: bool = False
     """Normalise reward_fn scores to mean 0 / std 1 (stats: reward_norm_stats)."""
     reward_norm_stats: str = "first"
-    """first: stats of the first rollouts (from pi_ref, = N-details' RM normalisation) | running: all seen."""
+    """first: stats of the first rollouts (from pi_ref) | running: all seen | given: the ``reward_scale=(mean, std)``
+    passed to the trainer (N-details: the RM's gain and bias fitted on many pi_ref samples before training)."""
     max_new_tokens: int = 24
     temperature: float = 1.0
     """Sampling temperature of rollouts; log-probs are of logits / temperature ([N-details]). Must be > 0."""
@@ -175,6 +183,11 @@ class PPOConfig:
             (self.vf_lr is None or pos(self.vf_lr), "vf_lr", "must be > 0 or null (= lr)"),
             (self.vf_coef is not None and float(self.vf_coef) >= 0, "vf_coef", "must be >= 0"),
             (self.reward_norm_stats in NORM_STATS, "reward_norm_stats", f"must be one of {NORM_STATS}"),
+            (self.kl_coef_min is None or (pos(self.kl_coef_min) and self.kl_coef_min <= self.init_kl_coef),
+             "kl_coef_min", "must be > 0 and <= init_kl_coef, or null (0)"),
+            (self.kl_coef_max is None or (pos(self.kl_coef_max) and self.kl_coef_max >= self.init_kl_coef),
+             "kl_coef_max", "must be >= init_kl_coef, or null (unbounded)"),
+            (isinstance(self.kl_hold_while_rising, bool), "kl_hold_while_rising", "must be true or false"),
             (pos_int(self.max_new_tokens), "max_new_tokens", "must be an integer >= 1"),
             (pos(self.temperature), "temperature", "must be > 0 (PPO needs a stochastic policy)"),
             (self.missing_eos_penalty is None or math.isfinite(float(self.missing_eos_penalty)),
@@ -256,8 +269,13 @@ class PPOTrainer(IterativeTrainer):
 
     def __init__(self, policy, ref_model, reward_fn: Callable, value_model, tokenizer,
                  prompts: Sequence[Sequence[int]], cfg: PPOConfig, device: str | torch.device, autocast=None,
-                 accelerator=None):
+                 accelerator=None, reward_scale: tuple[float, float] | None = None):
         cfg.validate()
+        if (cfg.reward_norm and cfg.reward_norm_stats == "given") != (reward_scale is not None):
+            raise ValueError("ppo.reward_norm_stats='given' (with reward_norm) needs reward_scale=(mean, std), and "
+                             "reward_scale is only read then")
+        if reward_scale is not None and not (math.isfinite(reward_scale[0]) and reward_scale[1] > 0):
+            raise ValueError(f"reward_scale must be (finite mean, std > 0), got {reward_scale!r}")
         self.accelerator = accelerator
         self.dist = Dist.from_accelerator(accelerator)
         if self.dist.distributed:
@@ -330,9 +348,12 @@ class PPOTrainer(IterativeTrainer):
         if cfg.target_kl is None:
             self.kl_ctl = FixedKLController(cfg.init_kl_coef)
         else:
-            self.kl_ctl = AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
+            self.kl_ctl = AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon,
+                                               coef_min=cfg.kl_coef_min, coef_max=cfg.kl_coef_max,
+                                               hold_while_rising=cfg.kl_hold_while_rising)
         self._norm = _RunningStats()
-        self._norm_frozen: tuple[float, float] | None = None
+        self._norm_frozen: tuple[float, float] | None = (
+            None if reward_scale is None else (float(reward_scale[0]), float(reward_scale[1])))
         self.history: list[dict] = []
         self.iteration = 0
         self.episodes_seen = 0
@@ -383,7 +404,7 @@ class PPOTrainer(IterativeTrainer):
         cfg = self.cfg
         if not cfg.reward_norm:
             return raw, 0.0, 1.0
-        if cfg.reward_norm_stats == "first":
+        if cfg.reward_norm_stats in ("first", "given"):  # given: frozen at construction
             if self._norm_frozen is None:
                 self._norm.update(raw)
                 self._norm_frozen = (self._norm.mean, self._norm.std)
@@ -420,6 +441,7 @@ class PPOTrainer(IterativeTrainer):
             "ref_model": self.ref_model.state_dict() if self.cfg.ema_ref_decay is not None else None,
             "optimizer": self.opt.state_dict(),
             "kl_coef": float(self.kl_ctl.value),
+            "kl_ctl": self.kl_ctl.state_dict(),
             "norm": {"n": self._norm.n, "mean": self._norm.mean, "m2": self._norm.m2},
             "norm_frozen": self._norm_frozen,
             "perms": {int(e): torch.from_numpy(np.asarray(pm)) for e, pm in self._perms.items()},
@@ -441,7 +463,7 @@ class PPOTrainer(IterativeTrainer):
         if d["ref_model"] is not None:
             self.ref_model.load_state_dict(d["ref_model"])
         self.opt.load_state_dict(d["optimizer"])
-        self.kl_ctl.value = float(d["kl_coef"])
+        self.kl_ctl.load_state_dict(d.get("kl_ctl") or {"value": d["kl_coef"]})
         self._norm.n, self._norm.mean, self._norm.m2 = int(d["norm"]["n"]), float(d["norm"]["mean"]), float(d["norm"]["m2"])
         nf = d["norm_frozen"]
         self._norm_frozen = None if nf is None else (float(nf[0]), float(nf[1]))
@@ -606,6 +628,7 @@ class PPOTrainer(IterativeTrainer):
 
         # 6. KL controller ([TRL-ppo] kl_ctl.update(mean_kl, batch_size)) and EMA reference
         self.kl_ctl.update(mean_kl, R)
+        kl_held = bool(self.kl_ctl.held)
         if cfg.ema_ref_decay is not None:
             with torch.no_grad():  # [Xu24] ref <- decay * ref + (1 - decay) * policy
                 for pr, pp in zip(self.ref_model.parameters(), self.policy.parameters(), strict=True):
@@ -627,6 +650,8 @@ class PPOTrainer(IterativeTrainer):
             "objective/non_score_reward": non_score,
             "objective/rlhf_reward": float(scores.mean()) + non_score,  # [TRL-ppov2] rlhf_reward
             "objective/kl_coef": kl_coef,
+            "objective/kl_coef_next": float(self.kl_ctl.value),
+            "objective/kl_coef_held": kl_held,
             "objective/eos_frac": float(ended.float().mean()),
             "objective/completion_len": n_tok / R,
             # compute accounting (whole rollout batch): prompt + generated tokens of sampling, the tokens of each

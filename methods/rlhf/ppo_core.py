@@ -335,10 +335,25 @@ class AdaptiveKLController:
     """Adaptive KL coefficient ([Ziegler19] Sec. 2.2; [TRL-kl], from openai/lm-human-preferences):
 
     e_t      = clip(KL_t / target - 1, -0.2, 0.2)
-    beta_t+1 = beta_t * (1 + e_t * n_steps / horizon)
+    beta_t+1 = clamp(beta_t * (1 + e_t * n_steps / horizon), coef_min, coef_max)
+
+    Two guards, both off by default (Ziegler's controller is the default), both stated in the suite configs:
+
+    * ``coef_min`` / ``coef_max``: bounds on beta. A controller that starts below its target (every run does: the
+      policy starts at pi_ref, KL 0) lowers beta at every step until the KL arrives; a slow policy lets it fall by
+      10x before then, and the KL then overshoots while beta climbs back.
+    * ``hold_while_rising``: a *lower* beta is only taken while the KL has stopped climbing, i.e. when KL_t is not
+      above the exponential moving average (weight ``ema``) of the earlier measurements. Below target and still
+      climbing (by more than ``rise_tol`` of the target), beta is held: the policy is already on its way, and cutting beta then is what made the KL overshoot
+      (Huang et al. 2024's N+ runs: the target as a constraint the KL approaches, not a set point it oscillates
+      around). Raising beta (KL above target) is never held.
+
+    ``state_dict`` / ``load_state_dict`` carry the coefficient and the EMA (a resumed run continues exactly).
     """
 
-    def __init__(self, init_kl_coef: float, target: float, horizon: float) -> None:
+    def __init__(self, init_kl_coef: float, target: float, horizon: float, *, coef_min: float | None = None,
+                 coef_max: float | None = None, hold_while_rising: bool = False, ema: float = 0.5,
+                 rise_tol: float = 0.02) -> None:
         if not (float(init_kl_coef) >= 0.0):
             raise ValueError(f"init_kl_coef must be >= 0, got {init_kl_coef!r}")
         if not (float(target) > 0.0):
@@ -347,9 +362,26 @@ class AdaptiveKLController:
             )
         if not (float(horizon) > 0.0):
             raise ValueError(f"horizon must be > 0, got {horizon!r}; e.g. horizon=10000 as in Ziegler et al.")
+        lo = 0.0 if coef_min is None else float(coef_min)
+        hi = math.inf if coef_max is None else float(coef_max)
+        if not (0.0 <= lo <= float(init_kl_coef) <= hi):
+            raise ValueError(f"KL coefficient bounds must satisfy 0 <= coef_min <= init_kl_coef <= coef_max, got "
+                             f"coef_min={coef_min!r}, init_kl_coef={init_kl_coef!r}, coef_max={coef_max!r}")
+        if not (0.0 < float(ema) <= 1.0):
+            raise ValueError(f"ema must be in (0, 1], got {ema!r}")
+        if not (0.0 <= float(rise_tol) < 1.0):
+            raise ValueError(f"rise_tol must be in [0, 1), got {rise_tol!r}")
         self.value = float(init_kl_coef)
         self.target = float(target)
         self.horizon = float(horizon)
+        self.coef_min, self.coef_max = lo, hi
+        self.hold_while_rising = bool(hold_while_rising)
+        self.ema = float(ema)
+        self.rise_tol = float(rise_tol)
+        self.kl_ema: float | None = None
+        """EMA of the KL measurements before the latest one (None before the first update)."""
+        self.held = False
+        """Whether the last update held a decrease back (the KL was below target and still climbing)."""
 
     def update(self, current_kl: float | Tensor, n_steps: int) -> float:
         """Update from the measured KL (e.g. mean per-sequence KL of the batch) after ``n_steps`` samples.
@@ -363,14 +395,28 @@ class AdaptiveKLController:
             raise ValueError(f"n_steps must be >= 0, got {n_steps}")
         # [TRL-kl] proportional_error = np.clip(current / self.target - 1, -0.2, 0.2)
         proportional_error = min(max(current / self.target - 1.0, -0.2), 0.2)
+        # climbing: above the EMA of the earlier measurements by more than rise_tol of the target (a KL that
+        # creeps up by less has arrived where this beta takes it); the first measurement climbs from KL 0
+        rising = self.kl_ema is None or current - self.kl_ema > self.rise_tol * self.target
+        self.held = self.hold_while_rising and proportional_error < 0 and rising
+        if self.held:
+            proportional_error = 0.0
         mult = 1.0 + proportional_error * n_steps / self.horizon  # [TRL-kl] mult
         if mult <= 0.0:
             raise ValueError(
                 f"AdaptiveKLController: n_steps={n_steps} is too large for horizon={self.horizon} "
                 f"(multiplier {mult} <= 0 would flip the KL coefficient's sign); increase horizon"
             )
-        self.value *= mult  # [TRL-kl] self.value *= mult
+        self.value = min(max(self.value * mult, self.coef_min), self.coef_max)  # [TRL-kl] self.value *= mult
+        self.kl_ema = current if self.kl_ema is None else self.ema * current + (1.0 - self.ema) * self.kl_ema
         return self.value
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "kl_ema": self.kl_ema}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.value = float(d["value"])
+        self.kl_ema = None if d.get("kl_ema") is None else float(d["kl_ema"])
 
 
 class FixedKLController:
@@ -381,8 +427,16 @@ class FixedKLController:
             raise ValueError(f"kl_coef must be >= 0, got {kl_coef!r}")
         self.value = float(kl_coef)
 
+    held = False
+
     def update(self, current_kl: float | Tensor, n_steps: int) -> float:
         return self.value
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.value = float(d["value"])
 
 
 # ------------------------------------------------------------------------------------------ validation

@@ -207,9 +207,17 @@ class ScalarRewardModel(_RewardModelBase):
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False)
         return out.last_hidden_state
 
+    token_pooling: str = "position"
+    """How ``token_values`` reads the states: ``position`` (the head on each position's state, as a last-token RM
+    is trained) or ``prefix_mean`` (the head on the mean of the states up to each position, as a mean-pooled RM is
+    trained: the value at the last token is then exactly the RM's score)."""
+
     def token_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The head applied at every position: [B, T] (fp32)."""
+        """The head applied at every position: [B, T] (fp32), on the states pooled as ``token_pooling`` says."""
         h = self.hidden_states(input_ids, attention_mask)  # [B, T, H]
+        if self.token_pooling == "prefix_mean":
+            m = attention_mask.to(h.dtype).unsqueeze(-1)  # [B, T, 1]
+            h = (h * m).cumsum(1) / m.cumsum(1).clamp_min(1.0)  # mean over the unmasked states up to t
         return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -300,11 +308,24 @@ def load_reward_model(path: str | Path, *, dtype: torch.dtype = torch.float32) -
     return {"scalar": ScalarRewardModel, "seqcls": SeqClsRewardModel}[kind].from_pretrained(path, dtype=dtype)
 
 
-def value_model_from_reward_model(rm: ScalarRewardModel) -> ScalarRewardModel:
-    """PPO critic initialised from the reward model's backbone and head ([N-details]); an independent copy."""
+def value_model_from_reward_model(rm: ScalarRewardModel, *, mean: float = 0.0, std: float = 1.0) -> ScalarRewardModel:
+    """PPO critic initialised from the reward model's backbone and head ([N-details]); an independent copy.
+
+    Started on the returns' scale: with the scores the trainer optimises normalised as ``(r - mean) / std`` (the RM's
+    gain and bias under pi_ref, N-details), the head becomes ``(w h + b - mean) / std``, so the critic's first
+    predictions are the normalised scores, not the raw ones (a constant offset in V survives GAE's last TD residual
+    and biases every position towards or against stopping). Its per-token pooling matches the RM's training:
+    a mean-pooled RM's copy reads prefix means (``token_pooling='prefix_mean'``), a last-token RM's each position."""
     if not hasattr(rm, "token_values"):
         raise TypeError(f"{type(rm).__name__} has no per-token head; use a ScalarRewardModel as the value model")
-    return copy.deepcopy(rm)
+    if not (math.isfinite(mean) and std > 0):
+        raise ValueError(f"value_model_from_reward_model: need a finite mean and std > 0, got {mean!r}, {std!r}")
+    v = copy.deepcopy(rm)
+    v.token_pooling = "prefix_mean" if rm.pooling == "mean" else "position"
+    with torch.no_grad():
+        v.head.weight.div_(std)
+        v.head.bias.sub_(mean).div_(std)
+    return v
 
 
 def make_reward_fn(rm: _RewardModelBase, *, pad_id: int | None = None, batch_size: int = 64, autocast=None,
