@@ -23,8 +23,8 @@ from pathlib import Path
 
 from benchmarks import progress, utils
 from benchmarks.arms.common import compute_record, on_policy_setup, stage_flops, train_resumable
-from benchmarks.arms.registry import ArmFamily, ArmPlan, Method, fmt, register
 from benchmarks.arms.ppo import scaled_by_stage
+from benchmarks.arms.registry import ArmFamily, ArmPlan, Method, fmt, register
 from benchmarks.arms.reward_model import RM_SCALE_STAGE, RM_STAGE, rm_scale, rm_scale_stage, rm_stage
 from benchmarks.errors import ConfigError, check
 from benchmarks.harness import Harness, Stage

@@ -42,7 +42,14 @@ from methods.checkpointing import check_same_config, rng_state, set_rng_state
 from methods.data import collate
 from methods.logprobs import token_logps
 from methods.rl_loop import IterativeTrainer, Timers, all_finite, cpu_state, permuted_slots, prompts_digest
-from methods.rlhf.group import KL_GRADS, grpo_advantages, grpo_loss, kl_penalised_rewards, rloo_advantages, rloo_loss
+from methods.rlhf.group import (
+    KL_GRADS,
+    grpo_advantages,
+    grpo_loss,
+    kl_penalised_rewards,
+    rloo_advantages,
+    rloo_loss,
+)
 from methods.rlhf.ppo_core import check_finite
 from methods.sampling import derive_seed, sample
 
