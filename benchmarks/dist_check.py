@@ -1,13 +1,13 @@
-"""Multi-process equality check: a short DPO run and a short PPO run on a tiny Llama, written so that a run
-under ``accelerate launch`` can be compared with the same run in one process.
+"""Multi-process equality check: short DPO, PPO, RLOO, GRPO and online-DPO runs on a tiny Llama, written so that a
+run under ``accelerate launch`` can be compared with the same run in one process.
 
     python -m benchmarks.dist_check --out results/dist/single
     accelerate launch --config_file benchmarks/configs/accelerate/cpu2.yaml -m benchmarks.dist_check --out results/dist/cpu2
     python -m benchmarks.dist_check --compare results/dist/single results/dist/cpu2
 
 (``ddp.yaml`` on GPUs works the same way: then also run the single-process reference with ``--device cuda``.)
-Rank 0 writes ``<out>/result.pt``: the per-step DPO logs and the per-iteration PPO logs (timings dropped), the
-final weights of both policies (and of the PPO value head), and the world size. Everything is built in-process
+Rank 0 writes ``<out>/result.pt``: the per-step DPO logs and the per-iteration logs of the on-policy runs (timings
+dropped), the final weights of every policy (and of the PPO value head, the online-DPO sampler), and the world size. Everything is built in-process
 from fixed seeds (tokenizer, model, pairs, prompts), so every process and every run starts from the same
 state. ``tests/test_distributed.py`` runs this with 2 CPU processes (gloo) and compares.
 """
@@ -64,15 +64,20 @@ def run_dpo(model, tok, device, accelerator) -> dict:
     return {"history": _logs(hist), "weights": {k: v.detach().cpu().clone() for k, v in tr.model_state_dict().items()}}
 
 
-def run_ppo(model, tok, device, accelerator) -> dict:
-    from methods.rlhf.ppo import PPOConfig, PPOTrainer
-
+def _reward_and_prompts(tok):
     prompts = [tok(t)["input_ids"] for t in TEXTS]
     target = set(range(10, 10 + len(tok) // 4))
 
     def reward_fn(ps, cs):  # share of completion tokens in a fixed quarter of the vocabulary (per row)
         return torch.tensor([sum(t in target for t in c) / len(c) for c in cs])
 
+    return reward_fn, prompts
+
+
+def run_ppo(model, tok, device, accelerator) -> dict:
+    from methods.rlhf.ppo import PPOConfig, PPOTrainer
+
+    reward_fn, prompts = _reward_and_prompts(tok)
     # every statistic that needs the whole rollout batch is switched on: running reward normalisation, reward
     # and advantage whitening, an adaptive KL controller that moves fast, explained variance
     cfg = PPOConfig(init_kl_coef=0.05, target_kl=0.5, kl_horizon=64, rollout_batch_size=16, minibatch_size=8,
@@ -83,6 +88,38 @@ def run_ppo(model, tok, device, accelerator) -> dict:
     hist = tr.train()
     weights = {k: v.detach().cpu().clone() for k, v in tr.policy.state_dict().items()}
     weights.update({f"value_head.{k}": v.detach().cpu().clone() for k, v in tr.value_head.state_dict().items()})
+    return {"history": _logs(hist), "weights": weights}
+
+
+def run_group(model, tok, device, accelerator, algorithm: str) -> dict:
+    """RLOO (a mean over sequences: ranks weigh their sequences) / GRPO (a token mean: ranks weigh their tokens)."""
+    from methods.rlhf.group_trainer import GroupRLConfig, GroupRLTrainer
+
+    reward_fn, prompts = _reward_and_prompts(tok)
+    kw = dict(clip_eps=0.2) if algorithm == "rloo" else dict(kl_grad="k3_ratio")
+    cfg = GroupRLConfig(algorithm=algorithm, beta=0.05, k=4, prompts_per_iteration=4, minibatch_size=8, epochs=2,
+                        lr=1e-2, max_new_tokens=6, iterations=3, reward_norm=True, seed=0, **kw)
+    tr = GroupRLTrainer(copy.deepcopy(model), model, reward_fn, tok, prompts, cfg, device, accelerator=accelerator,
+                        monitor=lambda ps, cs: [float(len(c)) for c in cs])
+    hist = tr.train()
+    return {"history": _logs(hist), "weights": {k: v.detach().cpu().clone() for k, v in tr.policy.state_dict().items()}}
+
+
+def run_online_dpo(model, tok, device, accelerator) -> dict:
+    """Online DPO, sampler synced every 2 iterations (iteration 2 samples from a lagging copy: its own forward),
+    Bradley-Terry labels, minibatches of 3 pairs: split 2 / 1 over two ranks, and a last one of 1 pair that leaves
+    one rank without any (it still joins the collectives)."""
+    from methods.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+    reward_fn, prompts = _reward_and_prompts(tok)
+    cfg = OnlineDPOConfig(beta=0.1, k=4, prompts_per_iteration=4, minibatch_size=3, epochs=2, lr=1e-2,
+                          max_new_tokens=6, iterations=3, sync_interval=2, labels="bradley_terry", anneal_lr=True,
+                          reward_norm=True, seed=0)
+    tr = OnlineDPOTrainer(copy.deepcopy(model), model, reward_fn, tok, prompts, cfg, device, accelerator=accelerator,
+                          monitor=lambda ps, cs: [float(len(c)) for c in cs])
+    hist = tr.train()
+    weights = {k: v.detach().cpu().clone() for k, v in tr.policy.state_dict().items()}
+    weights.update({f"sampler.{k}": v.detach().cpu().clone() for k, v in tr.sampler.state_dict().items()})
     return {"history": _logs(hist), "weights": weights}
 
 
@@ -125,12 +162,18 @@ def run(out: Path, device: str) -> None:
     torch.manual_seed(0)
     model, tok = tiny_model()
     res = {"world_size": dist.world_size, "dpo": run_dpo(model, tok, device, acc),
-           "ppo": run_ppo(model, tok, device, acc), "harness": run_harness(out / "harness", acc)}
+           "ppo": run_ppo(model, tok, device, acc), "rloo": run_group(model, tok, device, acc, "rloo"),
+           "grpo": run_group(model, tok, device, acc, "grpo"), "odpo": run_online_dpo(model, tok, device, acc),
+           "harness": run_harness(out / "harness", acc)}
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         torch.save(res, out / "result.pt")
         print(f"dist_check: {dist.world_size} process(es), wrote {out / 'result.pt'}")
     dist.barrier()
+
+
+PARTS = ("dpo", "ppo", "rloo", "grpo", "odpo")
+"""The training runs of a result (each: per-step / per-iteration logs and final weights)."""
 
 
 def compare(a: dict, b: dict, *, rtol: float = 1e-5, atol: float = 1e-6, w_rtol: float = 1e-4,
@@ -140,7 +183,7 @@ def compare(a: dict, b: dict, *, rtol: float = 1e-5, atol: float = 1e-6, w_rtol:
     absolute differences of logs and weights."""
     errors: list[str] = []
     worst = {"log_abs": 0.0, "log_rel": 0.0, "weight_abs": 0.0, "weight_rel": 0.0}
-    for part in ("dpo", "ppo"):
+    for part in PARTS:
         ha, hb = a[part]["history"], b[part]["history"]
         if len(ha) != len(hb):
             errors.append(f"{part}: {len(ha)} vs {len(hb)} log records")
@@ -149,7 +192,7 @@ def compare(a: dict, b: dict, *, rtol: float = 1e-5, atol: float = 1e-6, w_rtol:
                 errors.append(f"{part}[{i}]: keys differ: {sorted(ra.keys() ^ rb.keys())}")
             for k in ra.keys() & rb.keys():
                 x, y = ra[k], rb[k]
-                if isinstance(x, bool) or isinstance(x, int) and isinstance(y, int):
+                if x is None or y is None or isinstance(x, bool) or isinstance(x, int) and isinstance(y, int):
                     if x != y:
                         errors.append(f"{part}[{i}] {k}: {x} vs {y}")
                     continue
@@ -178,8 +221,8 @@ def compare(a: dict, b: dict, *, rtol: float = 1e-5, atol: float = 1e-6, w_rtol:
             worst["weight_rel"] = max(worst["weight_rel"], float((d / y.abs().clamp_min(1e-3)).max()))
             if not bool((d <= w_atol + w_rtol * y.abs()).all()):
                 errors.append(f"{part} weight {k}: max |diff| {float(d.max()):.3g}")
-        start = tiny_model()[0].state_dict() if part == "dpo" else None
-        if start is not None and all(torch.equal(start[k], wa[k]) for k in start if k in wa):
+        start = tiny_model()[0].state_dict()
+        if all(torch.equal(start[k], wa[k]) for k in start if k in wa):
             errors.append(f"{part}: the weights did not change (nothing was trained)")
     return errors, worst
 

@@ -1,4 +1,4 @@
-"""Data-parallel plumbing shared by the trainers (DPO, PPO) and the harness, on top of ``torch.distributed``.
+"""Data-parallel plumbing shared by the trainers (DPO, the on-policy engine) and the harness, on top of ``torch.distributed``.
 
 The process group is created by ``accelerate launch`` + ``accelerate.Accelerator()`` / ``PartialState()``;
 nothing here launches processes or initialises a group. With one process (the default, and whenever
@@ -58,6 +58,14 @@ class Dist:
                              f"multiple of the number of processes")
         k = n // self.world_size
         return slice(self.rank * k, (self.rank + 1) * k)
+
+    def split(self, n: int) -> slice:
+        """This rank's contiguous slice of ``n`` rows when ``n`` need not divide evenly (a minibatch of online-DPO
+        pairs): the first ``n % world_size`` ranks take one row more, a rank may get none. ``shard(n)`` when it
+        divides. A loss over such shards must weigh each rank by its share (``methods.onpolicy`` does)."""
+        base, extra = divmod(n, self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return slice(start, start + base + int(self.rank < extra))
 
     # ------------------------------------------------------------------------------------------- collectives
     def barrier(self) -> None:

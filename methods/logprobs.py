@@ -57,3 +57,18 @@ def build_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_l
     pos = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]  # [1, T]
     keep = (pos >= prompt_lens[:, None]) & attention_mask.bool()
     return torch.where(keep, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+
+
+def token_logps_nocopy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`token_logps` (same core, :func:`logps_at`; bitwise the same log-probs and gradients) without copying
+    the shifted [B, T-1, V] slice of the logits: every row of the contiguous [B*T, V] logits is scored (the last
+    position, which predicts nothing, against token 0) and the last column dropped after. What the on-policy
+    engine's forwards use (``methods.onpolicy``). Returns (logps [B, T-1] zero where masked, mask [B, T-1] float)."""
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on [B, T]")
+    B, T, V = logits.shape
+    tgt = labels[:, 1:]  # position t predicts token t + 1
+    mask = tgt != IGNORE_INDEX
+    safe = torch.cat([torch.where(mask, tgt, torch.zeros_like(tgt)), tgt.new_zeros(B, 1)], dim=1)  # [B, T]
+    logps = logps_at(logits.reshape(B * T, V), safe.reshape(-1)).view(B, T)[:, :-1]
+    return logps * mask, mask.to(logps.dtype)

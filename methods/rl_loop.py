@@ -1,9 +1,10 @@
-"""The iteration loop the on-policy trainers share (PPO, RLOO/GRPO, online DPO), and its small pieces.
+"""The outer iteration loop of the on-policy engine (``methods.onpolicy``: PPO, RLOO/GRPO, online DPO), and its
+small pieces.
 
 ``IterativeTrainer.train`` runs ``_iteration(it)`` to ``cfg.iterations`` with one protocol for every method:
 resume from a checkpoint, snapshot the weights before each iteration and restore them when it produces a
 non-finite value (``FloatingPointError``), write the checkpoint every ``checkpoint_every`` iterations and after
-the last one, stop early when ``stop()`` says so. A trainer supplies ``_iteration``, ``_snapshot``, ``_restore``,
+the last one, stop early when ``stop()`` says so. The engine supplies ``_iteration``, ``_snapshot``, ``_restore``,
 ``_label`` (its name in messages) and ``_restored`` (what a restore brings back), plus ``state_dict`` /
 ``load_state_dict`` for ``CheckpointMixin``.
 """

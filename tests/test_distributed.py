@@ -1,5 +1,5 @@
-"""Multi-process runs equal single-process runs: ``accelerate launch`` with 2 CPU processes (gloo) of a short DPO
-and a short PPO run on a tiny Llama (``benchmarks.dist_check``), compared with the same run in one process;
+"""Multi-process runs equal single-process runs: ``accelerate launch`` with 2 CPU processes (gloo) of short DPO, PPO,
+RLOO, GRPO and online-DPO runs on a tiny Llama (``benchmarks.dist_check``), compared with the same runs in one process;
 the harness's rank-0-commits scheme; the shipped accelerate configs parse (FSDP / ZeRO are not run here)."""
 
 import os
@@ -49,13 +49,24 @@ def test_two_processes_train_like_one(results):
 
     single, multi = results
     assert single["world_size"] == 1 and multi["world_size"] == 2
-    assert len(multi["dpo"]["history"]) == 4 and len(multi["ppo"]["history"]) == 3
+    assert len(multi["dpo"]["history"]) == 4
+    assert all(len(multi[part]["history"]) == 3 for part in ("ppo", "rloo", "grpo", "odpo"))
     errors, worst = compare(multi, single)
     print("max differences 2 processes vs 1:", worst)
     assert not errors, "\n".join(errors[:20])
-    # the runs did something: the PPO KL controller moved, the DPO margins grew
+    # the runs did something: the PPO KL controller moved, the DPO margins grew, RLOO / GRPO / online DPO moved away
+    # from pi_ref, online DPO's sampler lagged the policy in iteration 2 (its own forward) and its minibatches of 3
+    # pairs were split unevenly (2 / 1, then 1 / 0: one rank without a pair)
     assert multi["ppo"]["history"][-1]["objective/kl_coef"] != multi["ppo"]["history"][0]["objective/kl_coef"]
     assert multi["dpo"]["history"][-1]["rewards/margins"] > 0.01
+    for part in ("rloo", "grpo", "odpo"):
+        h = multi[part]["history"]
+        assert h[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5) and abs(h[-1]["objective/kl"]) > 0.01, part
+        assert "objective/gold" in h[-1], part  # the monitor, gathered over the ranks
+    odpo = multi["odpo"]["history"]
+    assert [r["objective/sampler_lag"] for r in odpo] == [0, 1, 0]
+    assert odpo[1]["tokens/forward"] == 3 * odpo[1]["tokens/sequence"]
+    assert all(r["pairs"] % 3 and r["policy/updates"] == 2 * -(-r["pairs"] // 3) for r in odpo)
 
 
 def test_harness_rank0_commits_and_all_ranks_read_it(results):
@@ -99,3 +110,13 @@ def test_uneven_shards_are_refused():
     assert d.shard(9) == slice(3, 6)
     with pytest.raises(ValueError, match="batch of 8 cannot be split evenly over 3 processes"):
         d.shard(8)
+    # uneven minibatches (online DPO's pairs): contiguous, in rank order, the first ranks one more, none may be empty
+    parts = {n: [] for n in (9, 8, 2, 0)}
+    for rank in range(3):
+        d.rank = rank
+        for n in parts:
+            parts[n].append(d.split(n))
+    assert parts[9] == [slice(0, 3), slice(3, 6), slice(6, 9)]  # = shard when it divides
+    assert parts[8] == [slice(0, 3), slice(3, 6), slice(6, 8)]
+    assert parts[2] == [slice(0, 1), slice(1, 2), slice(2, 2)]
+    assert parts[0] == [slice(0, 0)] * 3

@@ -180,8 +180,7 @@ def test_packed_mask_and_rows_unchanged():
 
 
 def test_ppo_token_logps_bitwise_equal_to_shared_path():
-    from methods.logprobs import IGNORE_INDEX, token_logps
-    from methods.rlhf.ppo import _token_logps
+    from methods.logprobs import IGNORE_INDEX, token_logps, token_logps_nocopy
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(5, 9, 33, generator=g)
@@ -189,7 +188,7 @@ def test_ppo_token_logps_bitwise_equal_to_shared_path():
     labels[:, :3] = IGNORE_INDEX
     labels[1, 6:] = IGNORE_INDEX
     grads = []
-    for fn in (token_logps, _token_logps):
+    for fn in (token_logps, token_logps_nocopy):
         x = logits.clone().requires_grad_()
         lp, mask = fn(x, labels)
         (lp * torch.arange(1.0, 9.0)).sum().backward()

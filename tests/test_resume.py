@@ -224,8 +224,8 @@ def test_ppo_resume_after_kill_mid_rollout(ppo_setup, ppo_full, tmp_path):
     _same_params(again.value_head, full.value_head)
     _same_params(again.ref_model, full.ref_model)
     assert again.kl_ctl.value == pytest.approx(full.kl_ctl.value, abs=1e-12)
-    assert (again._norm.n, again.episodes_seen, again.tokens_seen) == (full._norm.n, full.episodes_seen,
-                                                                        full.tokens_seen)
+    assert (again.norm.running.n, again.episodes_seen, again.tokens_seen) == (full.norm.running.n, full.episodes_seen,
+                                                                              full.tokens_seen)
 
 
 def test_ppo_resume_separate_value_model_and_frozen_norm(ppo_setup, tmp_path):
@@ -247,7 +247,7 @@ def test_ppo_resume_separate_value_model_and_frozen_norm(ppo_setup, tmp_path):
     first.train(checkpoint_path=ckpt, stop=lambda: first.iteration == 1, checkpoint_every=1)
     again = trainer()
     h = again.train(checkpoint_path=ckpt)
-    assert again._norm_frozen == full._norm_frozen is not None
+    assert again.norm.frozen == full.norm.frozen is not None
     _same_history(h, h_full)
     _same_params(again.policy, full.policy)
     _same_params(again.value_model, full.value_model)

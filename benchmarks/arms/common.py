@@ -169,3 +169,45 @@ def train_resumable(h: Harness, arm: str, trainer, iterations: int, on_log) -> l
         if interrupts.requested():  # (also after the last iteration: the re-run then resumes at the end, instantly)
             interrupts.stop_with_checkpoint(trainer, ckpt, f"arm/{arm}", trainer.iteration, iterations, "iteration")
     return hist
+
+
+def run_on_policy_arm(h: Harness, arm: str, trainer, policy, tok, out: Path, *, bar_keys: tuple[str, ...] = (),
+                      stop_on: tuple[type[BaseException], ...] = ()) -> tuple[list[dict], object, dict]:
+    """What every on-policy arm (PPO, RLOO/GRPO, online DPO: ``methods.onpolicy`` trainers) does around its trainer:
+    train it resumably with a progress bar (KL, score, gold, ``bar_keys``), stop cleanly on ``stop_on`` (status
+    "stopped: ..."), save the merged policy, the tokenizer, the training curve and the config. Returns (history,
+    the merged policy, the summary fields every on-policy arm reports: status, timings, counters, the RM's quality)."""
+    from benchmarks.arms.reward_model import RM_STAGE
+    from methods import lora
+
+    t = utils.Timer()
+    status = "ok"
+    try:
+        with progress.bar(trainer.cfg.iterations, f"arm/{arm}", unit="it") as b:
+            def on_log(rec):
+                b.to(rec["iteration"], kl=rec["objective/kl"], score=rec["objective/scores"], gold=rec.get("objective/gold"),
+                     **{k: rec[k] for k in bar_keys}, **{"tok/s": rec["tokens/sequence"] / max(rec["time/iteration"], 1e-9)})
+
+            hist = train_resumable(h, arm, trainer, trainer.cfg.iterations, on_log)
+    except stop_on as e:
+        hist, status = trainer.history, f"stopped: {e}"
+    train_s = t.elapsed
+    policy = lora.merged(policy)
+    policy.save_pretrained(out / "model")
+    tok.save_pretrained(out / "model")
+    utils.write_jsonl(out / "train_curve.jsonl", hist)
+    utils.atomic_write_json(out / "train_config.json", asdict(trainer.cfg))
+    phases = ("time/generation", "time/reward", "time/ref_value_forward", "time/update")
+    rm_sum = h.results[RM_STAGE].summary
+    last = hist[-1] if hist else {}
+    summary = {"status": status, "iterations": len(hist), "time/train_s": train_s,
+               **{k + "_s": sum(r.get(k, 0.0) for r in hist) for k in phases},
+               "tokens_seen": last.get("tokens_seen"), "episodes_seen": last.get("episodes_seen"),
+               "tokens_per_s": (last.get("tokens_seen") or 0) / max(train_s, 1e-9),
+               "rm_accuracy": rm_sum["rm_accuracy"], "rm_gold_pearson": rm_sum["rm_gold_pearson"]}
+    return hist, policy, summary
+
+
+def token_sums(hist: list[dict], kinds: tuple[str, ...] = ("prompt", "generated", "sequence", "update")) -> dict[str, int]:
+    """``tokens/<kind>`` summed over a training curve (the compute accounting's token counts)."""
+    return {k: sum(r.get(f"tokens/{k}", 0) for r in hist) for k in kinds}

@@ -21,8 +21,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from benchmarks import progress, utils
-from benchmarks.arms.common import compute_record, on_policy_setup, stage_flops, train_resumable
+from benchmarks.arms.common import compute_record, on_policy_setup, run_on_policy_arm, stage_flops, token_sums
 from benchmarks.arms.ppo import scaled_by_stage
 from benchmarks.arms.registry import ArmFamily, ArmPlan, Method, fmt, register
 from benchmarks.arms.reward_model import RM_SCALE_STAGE, RM_STAGE, rm_scale, rm_scale_stage, rm_stage
@@ -30,7 +29,6 @@ from benchmarks.errors import ConfigError, check
 from benchmarks.harness import Harness, Stage
 from benchmarks.stages import lora_key
 from benchmarks.tasks import models
-from methods import lora
 from methods.rlhf.group_trainer import GroupRLConfig
 
 
@@ -128,36 +126,18 @@ def _make_stage(algorithm: str, beta: float, seed: int, scaled: bool) -> Stage:
         policy, ref, tok, rm, reward_fn, rows, gold_fn = on_policy_setup(h, seed)
         tr = GroupRLTrainer(policy, ref, reward_fn, tok, [p["prompt_ids"] for p in rows], cfg, h.device,
                             autocast=h.autocast(), monitor=gold_fn,
-                            reward_scale=rm_scale(h) if scaled and cfg.reward_norm else None)
-        t = utils.Timer()
-        with progress.bar(cfg.iterations, f"arm/{arm}", unit="it") as b:
-            def on_log(rec):
-                b.to(rec["iteration"], kl=rec["objective/kl"], score=rec["objective/scores"], gold=rec.get("objective/gold"),
-                     **{"tok/s": rec["tokens/sequence"] / max(rec["time/iteration"], 1e-9)})
-
-            hist = train_resumable(h, arm, tr, cfg.iterations, on_log)
-        train_s = t.elapsed
-        policy = lora.merged(policy)
-        policy.save_pretrained(out / "model")
-        tok.save_pretrained(out / "model")
-        utils.write_jsonl(out / "train_curve.jsonl", hist)
-        utils.atomic_write_json(out / "train_config.json", asdict(cfg))
-        phases = {k: sum(r.get(k, 0.0) for r in hist) for k in ("time/generation", "time/reward", "time/ref_value_forward", "time/update")}
-        rm_sum = h.results[RM_STAGE].summary
+                            reward_scale=rm_scale(h) if scaled and cfg.reward_norm else None,
+                            accelerator=h.accelerator)  # accelerator None = one process
+        hist, policy, summary = run_on_policy_arm(h, arm, tr, policy, tok, out)
         last = hist[-1] if hist else {}
-        ntok = {k: sum(r.get(f"tokens/{k}", 0) for r in hist) for k in ("prompt", "generated", "sequence", "update")}
+        ntok = token_sums(hist)
         n_pol, n_rm = models.n_params(policy), models.n_params(rm)
         # rollout forwards: old policy log-probs, reference log-probs, reward model; no value model
         compute = compute_record(generated=[(n_pol, ntok["prompt"] + ntok["generated"])],
                                  forward=[(n_pol, ntok["sequence"]), (n_pol, ntok["sequence"]), (n_rm, ntok["sequence"])],
                                  trained=[(n_pol, ntok["update"])], shared={RM_STAGE: stage_flops(h, RM_STAGE)})
         return {"arm": arm, "method": algorithm, "loss_type": "", "kl_coef": beta, "target_kl": None, "seed": seed,
-                "status": "ok", "k": cfg.k, "iterations": len(hist), "time/train_s": train_s,
-                **{k + "_s": v for k, v in phases.items()},
-                "tokens_seen": last.get("tokens_seen"), "episodes_seen": last.get("episodes_seen"),
-                "tokens_per_s": (last.get("tokens_seen") or 0) / max(train_s, 1e-9),
-                "rm_accuracy": rm_sum["rm_accuracy"], "rm_gold_pearson": rm_sum["rm_gold_pearson"],
-                "params": n_pol, **compute,
+                "k": cfg.k, **summary, "params": n_pol, **compute,
                 "final": {k: v for k, v in last.items() if k.startswith(("objective/", "policy/"))}}
 
     key = lambda c: {"group": asdict(group_config(c, algorithm, beta, seed)), "dtype": c.dtype,  # noqa: E731

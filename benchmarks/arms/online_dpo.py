@@ -34,15 +34,13 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from benchmarks import progress, utils
-from benchmarks.arms.common import compute_record, on_policy_setup, stage_flops, train_resumable
+from benchmarks.arms.common import compute_record, on_policy_setup, run_on_policy_arm, stage_flops, token_sums
 from benchmarks.arms.registry import ArmFamily, ArmPlan, Method, fmt, register
 from benchmarks.arms.reward_model import RM_STAGE, rm_stage
 from benchmarks.errors import ConfigError, check
 from benchmarks.harness import Harness, Stage
 from benchmarks.stages import lora_key
 from benchmarks.tasks import models
-from methods import lora
 from methods.dpo.losses import LOSS_TYPES
 from methods.online_dpo import PAIR_LABELS, OnlineDPOConfig
 
@@ -148,24 +146,10 @@ def _make_stage(sync_interval: int | None, beta: float, seed: int) -> Stage:
         cfg = odpo_config(h.cfg, sync_interval, beta, seed)
         policy, ref, tok, rm, reward_fn, rows, gold_fn = on_policy_setup(h, seed)
         tr = OnlineDPOTrainer(policy, ref, reward_fn, tok, [p["prompt_ids"] for p in rows], cfg, h.device,
-                              autocast=h.autocast(), monitor=gold_fn)
-        t = utils.Timer()
-        with progress.bar(cfg.iterations, f"arm/{arm}", unit="it") as b:
-            def on_log(rec):
-                b.to(rec["iteration"], kl=rec["objective/kl"], score=rec["objective/scores"], gold=rec.get("objective/gold"),
-                     loss=rec["loss"], **{"tok/s": rec["tokens/sequence"] / max(rec["time/iteration"], 1e-9)})
-
-            hist = train_resumable(h, arm, tr, cfg.iterations, on_log)
-        train_s = t.elapsed
-        policy = lora.merged(policy)
-        policy.save_pretrained(out / "model")
-        tok.save_pretrained(out / "model")
-        utils.write_jsonl(out / "train_curve.jsonl", hist)
-        utils.atomic_write_json(out / "train_config.json", asdict(cfg))
-        phases = {k: sum(r.get(k, 0.0) for r in hist) for k in ("time/generation", "time/reward", "time/ref_value_forward", "time/update")}
-        rm_sum = h.results[RM_STAGE].summary
+                              autocast=h.autocast(), monitor=gold_fn, accelerator=h.accelerator)
+        hist, policy, summary = run_on_policy_arm(h, arm, tr, policy, tok, out, bar_keys=("loss",))
         last = hist[-1] if hist else {}
-        ntok = {k: sum(r.get(f"tokens/{k}", 0) for r in hist) for k in ("prompt", "generated", "sequence", "forward", "update")}
+        ntok = token_sums(hist, ("prompt", "generated", "sequence", "forward", "update"))
         n_pol, n_rm = models.n_params(policy), models.n_params(rm)
         # rollout forwards: pi_ref and the trained policy over every completion (plus the sampler's while it lags the
         # policy: tokens/forward counts them all), the reward model over every completion; no value model
@@ -173,14 +157,8 @@ def _make_stage(sync_interval: int | None, beta: float, seed: int) -> Stage:
                                  forward=[(n_pol, ntok["forward"]), (n_rm, ntok["sequence"])],
                                  trained=[(n_pol, ntok["update"])], shared={RM_STAGE: stage_flops(h, RM_STAGE)})
         return {"arm": arm, "method": FAMILY, "loss_type": cfg.loss_type, "beta": beta, "kl_coef": None,
-                "target_kl": None, "sync_interval": sync_interval, "labels": cfg.labels, "seed": seed, "status": "ok",
-                "k": cfg.k, "iterations": len(hist), "time/train_s": train_s,
-                **{k + "_s": v for k, v in phases.items()},
-                "tokens_seen": last.get("tokens_seen"), "episodes_seen": last.get("episodes_seen"),
-                "pairs_seen": last.get("examples_seen"),
-                "tokens_per_s": (last.get("tokens_seen") or 0) / max(train_s, 1e-9),
-                "rm_accuracy": rm_sum["rm_accuracy"], "rm_gold_pearson": rm_sum["rm_gold_pearson"],
-                "params": n_pol, **compute,
+                "target_kl": None, "sync_interval": sync_interval, "labels": cfg.labels, "seed": seed, "k": cfg.k,
+                **summary, "pairs_seen": last.get("examples_seen"), "params": n_pol, **compute,
                 "final": {k: v for k, v in last.items() if k.startswith(("objective/", "rewards/", "sampler/")) or k == "loss"}}
 
     key = lambda c: {"odpo": asdict(odpo_config(c, sync_interval, beta, seed)), "dtype": c.dtype,  # noqa: E731

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import progress, utils
-from benchmarks.arms.common import compute_record, gold_monitor, stage_flops, train_resumable
+from benchmarks import utils
+from benchmarks.arms.common import compute_record, gold_monitor, run_on_policy_arm, stage_flops, token_sums
 from benchmarks.arms.registry import ArmFamily, ArmPlan, Method, fmt, register
 from benchmarks.arms.reward_model import RM_SCALE_STAGE, RM_STAGE, rm_scale, rm_scale_stage, rm_stage
 from benchmarks.harness import Harness, Stage
@@ -62,20 +62,12 @@ def _make_ppo_stage(kind: str, kl_coef: float | None, target_kl: float | None, s
         ref, _ = load_model(h.path("sft"), h.device)
         rm = load_reward_model(h.path(RM_STAGE) / "rm").to(h.device).eval()
         rows = load_prompts(h, "train")
-        gold_fn = gold_monitor(h, tok, rows)
+        gold_fn = gold_monitor(h, tok, rows)  # logged as objective/gold, never trained on
         if kind == "ppogt":  # the explicitly named upper-bound arm: PPO on the gold reward itself
             def reward_fn(prompt_ids, completion_ids):
                 return torch.tensor(gold_fn(prompt_ids, completion_ids))
         else:
             reward_fn = make_reward_fn(rm, pad_id=tok.pad_token_id, autocast=h.autocast())
-        gold_log: list[float] = []
-        rm_fn = reward_fn
-
-        def reward_fn(prompt_ids, completion_ids):  # noqa: F811 - monitor only: gold is logged, never returned
-            scores = rm_fn(prompt_ids, completion_ids)
-            gold = gold_fn(prompt_ids, completion_ids)
-            gold_log.append(float(sum(gold) / max(1, len(completion_ids))))  # this rank's rollouts (all in one process)
-            return scores
         scale = rm_scale(h) if scaled_by_stage(cfg) else None
         # the critic starts on the returns' scale: a copy of the RM normalised as the scores are (N-details)
         value = (value_model_from_reward_model(rm, **({"mean": scale[0], "std": scale[1]} if scale else {}))
@@ -85,29 +77,10 @@ def _make_ppo_stage(kind: str, kl_coef: float | None, target_kl: float | None, s
             value.backbone = lora.add_adapters(value.backbone, h.cfg.lora, seed=seed)
         prompts = [p["prompt_ids"] for p in rows]
         tr = PPOTrainer(policy, ref, reward_fn, value, tok, prompts, cfg, h.device, autocast=h.autocast(),
-                        accelerator=h.accelerator, reward_scale=scale)  # accelerator None = one process
-        t = utils.Timer()
-        status = "ok"
-        try:
-            with progress.bar(cfg.iterations, f"arm/{arm}", unit="it") as b:
-                def on_log(rec):
-                    rec["objective/gold"] = gold_log[-1]
-                    b.to(rec["iteration"], kl=rec["objective/kl"], score=rec["objective/scores"], gold=gold_log[-1],
-                         **{"tok/s": rec["tokens/sequence"] / max(rec["time/iteration"], 1e-9)})
-
-                hist = train_resumable(h, arm, tr, cfg.iterations, on_log)
-        except KLBlowupError as e:
-            hist, status = tr.history, f"stopped: {e}"
-        train_s = t.elapsed
-        policy = lora.merged(policy)
-        policy.save_pretrained(out / "model")
-        tok.save_pretrained(out / "model")
-        utils.write_jsonl(out / "train_curve.jsonl", hist)
-        utils.atomic_write_json(out / "train_config.json", asdict(cfg))
-        phases = {k: sum(r.get(k, 0.0) for r in hist) for k in ("time/generation", "time/reward", "time/ref_value_forward", "time/update")}
-        rm_sum = h.results[RM_STAGE].summary
+                        accelerator=h.accelerator, reward_scale=scale, monitor=gold_fn)  # accelerator None = one process
+        hist, policy, summary = run_on_policy_arm(h, arm, tr, policy, tok, out, stop_on=(KLBlowupError,))
         last = hist[-1] if hist else {}
-        tok = {k: sum(r.get(f"tokens/{k}", 0) for r in hist) for k in ("prompt", "generated", "sequence", "update")}
+        tok = token_sums(hist)
         n_pol, n_rm = models.n_params(policy), models.n_params(rm)
         n_val = models.n_params(value) if value is not None else 0
         # rollout forwards: old policy log-probs, reference, value (separate model), reward model (not for PPO-GT)
@@ -117,12 +90,7 @@ def _make_ppo_stage(kind: str, kl_coef: float | None, target_kl: float | None, s
                                  trained=[(n_pol + n_val, tok["update"])],
                                  shared={RM_STAGE: stage_flops(h, RM_STAGE)})  # PPO-GT's value model is the RM's too
         return {"arm": arm, "method": KIND_METHOD[kind], "loss_type": "", "kl_coef": cfg.init_kl_coef,
-                "target_kl": target_kl, "seed": seed, "status": status,
-                "iterations": len(hist), "time/train_s": train_s, **{k + "_s": v for k, v in phases.items()},
-                "tokens_seen": last.get("tokens_seen"), "episodes_seen": last.get("episodes_seen"),
-                "tokens_per_s": (last.get("tokens_seen") or 0) / max(train_s, 1e-9),
-                "rm_accuracy": rm_sum["rm_accuracy"], "rm_gold_pearson": rm_sum["rm_gold_pearson"],
-                "params": n_pol, **compute,
+                "target_kl": target_kl, "seed": seed, **summary, "params": n_pol, **compute,
                 "final": {k: v for k, v in last.items() if k.startswith(("objective/", "policy/", "val/"))}}
 
     key = lambda c: {"ppo": asdict(ppo_config(c, kind, kl_coef, target_kl, seed)), "kind": kind, "dtype": c.dtype,  # noqa: E731

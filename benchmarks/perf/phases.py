@@ -266,7 +266,11 @@ def _ppo_trainer(cfg: dict):
     value = value_model_from_reward_model(rm) if pcfg.value_model == "separate" else None
     prompts = make_prompts(cfg, pcfg.rollout_batch_size * total, "ppo")
     tok = IdTokenizer(cfg["model"]["vocab_size"])
-    tr = PPOTrainer(policy, ref, make_reward_fn(rm, pad_id=PAD_ID), value, tok, prompts, pcfg, "cpu")
+    # reward_norm_stats "given": the arm reads the RM's gain and bias from the arm/rm-scale stage; timings do not
+    # depend on them, so the identity scale stands in
+    scale = (0.0, 1.0) if pcfg.reward_norm and pcfg.reward_norm_stats == "given" else None
+    tr = PPOTrainer(policy, ref, make_reward_fn(rm, pad_id=PAD_ID), value, tok, prompts, pcfg, "cpu",
+                    reward_scale=scale)
     return tr, rm
 
 
