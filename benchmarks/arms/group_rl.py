@@ -22,9 +22,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchmarks.arms.common import compute_record, on_policy_setup, run_on_policy_arm, stage_flops, token_sums
-from benchmarks.arms.ppo import scaled_by_stage
 from benchmarks.arms.registry import ArmFamily, ArmPlan, Method, fmt, register
-from benchmarks.arms.reward_model import RM_SCALE_STAGE, RM_STAGE, rm_scale, rm_scale_stage, rm_stage
+from benchmarks.arms.reward_model import (
+    RM_SCALE_STAGE,
+    RM_STAGE,
+    rm_scale,
+    rm_scale_stage,
+    rm_stage,
+    scaled_by_stage,
+)
 from benchmarks.errors import ConfigError, check
 from benchmarks.harness import Harness, Stage
 from benchmarks.stages import lora_key

@@ -15,7 +15,14 @@ import torch
 from benchmarks import utils
 from benchmarks.arms.common import compute_record, gold_monitor, run_on_policy_arm, stage_flops, token_sums
 from benchmarks.arms.registry import ArmFamily, ArmPlan, Method, fmt, register
-from benchmarks.arms.reward_model import RM_SCALE_STAGE, RM_STAGE, rm_scale, rm_scale_stage, rm_stage
+from benchmarks.arms.reward_model import (
+    RM_SCALE_STAGE,
+    RM_STAGE,
+    rm_scale,
+    rm_scale_stage,
+    rm_stage,
+    scaled_by_stage,
+)
 from benchmarks.harness import Harness, Stage
 from benchmarks.stages import load_model, load_prompts, lora_key
 from benchmarks.tasks import models
@@ -42,11 +49,6 @@ def ppo_config(c, kind: str, kl_coef: float | None, target_kl: float | None, see
     if kind == "ppogt" and base.reward_norm_stats == "given":
         kw["reward_norm_stats"] = "first"  # PPO-GT trains on gold: the RM's gain and bias do not apply to it
     return dataclasses.replace(base, **kw)
-
-
-def scaled_by_stage(cfg) -> bool:
-    """Whether the arm's rewards are normalised with the ``arm/rm-scale`` stage's gain and bias."""
-    return bool(cfg.reward_norm and cfg.reward_norm_stats == "given")
 
 
 def _make_ppo_stage(kind: str, kl_coef: float | None, target_kl: float | None, seed: int, scaled: bool) -> Stage:

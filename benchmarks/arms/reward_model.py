@@ -103,3 +103,9 @@ def rm_scale(h: Harness) -> tuple[float, float]:
     """(mean, std) of the RM on pi_ref's samples (stage ``arm/rm-scale``)."""
     s = h.results[RM_SCALE_STAGE].summary
     return float(s["rm_scale_mean"]), float(s["rm_scale_std"])
+
+
+def scaled_by_stage(ppo_cfg) -> bool:
+    """Whether on-policy arms normalise rewards with the ``arm/rm-scale`` stage's gain and bias (the suite's
+    ``rlhf.ppo`` has ``reward_norm`` with ``reward_norm_stats: given``): one scale for every RL family."""
+    return bool(ppo_cfg.reward_norm and ppo_cfg.reward_norm_stats == "given")

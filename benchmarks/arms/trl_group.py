@@ -4,7 +4,7 @@ completions per step, lr, temperature, completion length), at the first beta of 
 suite seed when its ``trl_peer`` is true: unlike the DPO peer (whose numbers equal ours, so one seed suffices), an RL
 peer samples with its own random streams (``model.generate``), so only seed distributions can be compared. Rewards
 are normalised as ours: with the ``arm/rm-scale`` stage's (mean, std) when ``rlhf.ppo.reward_norm_stats`` is
-``given`` (``benchmarks.arms.ppo.scaled_by_stage``), else with the first round's statistics. The stage key holds
+``given`` (``benchmarks.arms.reward_model.scaled_by_stage``), else with the first round's statistics. The stage key holds
 TRL's objective flags (``methods.baselines.trl_group.objective_flags``), so a change of the mapping reruns the peer.
 Arm ids ``trl-grpo-kl<beta>-s<seed>``, ``trl-rloo-...``."""
 
@@ -16,9 +16,15 @@ from pathlib import Path
 from benchmarks import utils
 from benchmarks.arms.common import compute_record, gold_monitor, stage_flops
 from benchmarks.arms.group_rl import group_arm_id, group_config
-from benchmarks.arms.ppo import scaled_by_stage
 from benchmarks.arms.registry import ArmFamily, ArmPlan, Method, register
-from benchmarks.arms.reward_model import RM_SCALE_STAGE, RM_STAGE, rm_scale, rm_scale_stage, rm_stage
+from benchmarks.arms.reward_model import (
+    RM_SCALE_STAGE,
+    RM_STAGE,
+    rm_scale,
+    rm_scale_stage,
+    rm_stage,
+    scaled_by_stage,
+)
 from benchmarks.errors import check
 from benchmarks.harness import Harness, Stage
 from benchmarks.stages import load_model, load_prompts, lora_key

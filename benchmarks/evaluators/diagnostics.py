@@ -124,6 +124,12 @@ def rl_health(curve: list[dict], target_kl: float | None = None) -> dict:
     return out
 
 
+def _target_kl(arm: dict) -> float | None:
+    """The arm's adaptive-controller target (None for fixed-beta and non-PPO arms; the tables hold NaN there)."""
+    tk = arm.get("target_kl")
+    return float(tk) if tk is not None and np.isfinite(float(tk)) else None
+
+
 def rl_health_table(arms: list[dict], curves: dict[str, list[dict]]) -> list[dict]:
     """One row per arm whose curve has PPO-style update statistics (policy/clipfrac), for the report."""
     rows = []
@@ -131,8 +137,7 @@ def rl_health_table(arms: list[dict], curves: dict[str, list[dict]]) -> list[dic
         curve = curves.get(a["arm"], [])
         if not curve or "policy/clipfrac" not in curve[0]:
             continue
-        tk = a.get("target_kl")
-        h = rl_health(curve, tk if tk is not None and np.isfinite(float(tk)) else None)
+        h = rl_health(curve, _target_kl(a))
         clean = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in h.items() if k != "flags"}
         rows.append({"arm": a["arm"], **clean,
                      "flags": [f for f, _ in h["flags"]]})
@@ -154,7 +159,6 @@ def run_diagnostics(arms: list[dict], curves: dict[str, list[dict]]) -> list[dic
         if curve:
             checks += [("chosen_logp_falling", chosen_logp_falling(curve)), ("proxy_gold_gap", proxy_gold_gap(curve))]
             if "policy/clipfrac" in curve[0]:
-                tk = a.get("target_kl")
-                checks += rl_health(curve, tk if tk is not None and np.isfinite(float(tk)) else None)["flags"]
+                checks += rl_health(curve, _target_kl(a))["flags"]
         out += [{"arm": a["arm"], "flag": f, "reason": r} for f, r in checks if r]
     return out
