@@ -350,7 +350,19 @@ class SuiteConfig:
     resolved_config.yaml and stages.json hold ('auto' resolved to float32 reuses explicit float32's cache); the
     request, the reason and the probe's numbers are in the provenance. float16 needs CUDA."""
     threads: int = 0
-    """torch intra-op threads (0 = torch's default)."""
+    """The run's thread budget: torch intra-op threads of a foundation stage (data ... prefs), which runs alone
+    (0 = the cores this process may use)."""
+    executor: Literal["local", "ray"] = "local"
+    """Where stages run: 'local' (this machine: this process when workers is 1, else worker processes) or 'ray'
+    (each stage a Ray task on ``ray_address``; the cache must be on a path every node sees). ``benchmarks/executor.py``."""
+    workers: int | Literal["auto"] = "auto"
+    """Stages run at once, each in its own process (independent stages of the DAG: arms, evaluations, pi_ref's
+    log-probs, the reward model). 'auto': one per core up to what memory holds, at most 8; 1 on a GPU. 1 = serial."""
+    stage_threads: int = 0
+    """Intra-op threads of every non-foundation stage (0 = threads // workers). A stage's numbers depend on it
+    (recorded in its stage.json); a serial run with the same stage_threads writes bit-identical artefacts."""
+    ray_address: str | None = None
+    """``ray.init(address=...)`` for ``executor: ray`` (None: a local Ray instance; 'auto': the running cluster)."""
     cache_dir: str = "results/cache"
     """Where stage artefacts live, keyed by a hash of their resolved config and inputs."""
     runs_dir: str = "results/runs"
@@ -374,6 +386,9 @@ class SuiteConfig:
         _check(bool(self.name.strip()), "name", "give the suite a name")
         _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         _check(self.threads >= 0, "threads", "must be >= 0 (0 = default)")
+        _check(self.workers == "auto" or (isinstance(self.workers, int) and self.workers >= 1), "workers",
+               f"must be 'auto' or an integer >= 1 (1 = one stage at a time), got {self.workers!r}")
+        _check(self.stage_threads >= 0, "stage_threads", "must be >= 0 (0 = threads // workers)")
         _check(self.checkpoint_every_steps >= 1, "checkpoint_every_steps", "must be >= 1")
         _check(self.checkpoint_every_iterations >= 1, "checkpoint_every_iterations", "must be >= 1")
         _check(not (self.dtype == "float16" and self.device in ("cpu", "mps")), "dtype",
@@ -438,6 +453,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return None
         if dataclasses.is_dataclass(args[0]) and not isinstance(value, dict):
             raise ConfigError(f"config key '{key}': expected a mapping of {args[0].__name__} fields or null")
+        if len(args) > 1:  # e.g. int | Literal["auto"]: the first reading that fits
+            for a in args:
+                try:
+                    return _coerce(value, a, key)
+                except ConfigError:
+                    continue
+            raise ConfigError(f"config key '{key}': expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
         return _coerce(value, args[0], key)
     if origin is dict:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):

@@ -111,6 +111,15 @@ class Harness:
         self.failed: dict[str, str] = {}
         self._damaged_manifests: dict[str, dict] = {}  # stages found damaged and moved aside in this process
         self._hashes: dict[str, str] = {}
+        from benchmarks.executor import plan_workers
+
+        self.plan = plan_workers(cfg, self.device, distributed=self.dist.distributed)
+        """Executor, workers and per-stage threads (``benchmarks.executor``)."""
+        self.thread_plan = self.plan
+        """Per-stage thread counts of the stages this process runs (None: run at the current count, a worker)."""
+        self.stage_threads_used: dict[str, int] = {}
+        self.stage_pids: dict[str, int] = {}
+        """The worker process that ran each stage (parallel executor; absent for stages run in this process)."""
 
     def _resolve_dtype(self):
         """Resolve ``cfg.dtype`` (``auto`` -> float32/bfloat16, ``benchmarks.machine.resolve_dtype``) once, and write
@@ -234,20 +243,22 @@ class Harness:
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             utils.seed_everything(self.cfg.seed)
-            with utils.atomic_dir(final) as tmp, _disk_full_names(name, final, tmp):
+            threads = self.thread_plan.threads_for(name) if self.thread_plan else torch.get_num_threads()
+            with utils.atomic_dir(final) as tmp, _disk_full_names(name, final, tmp), utils.num_threads(threads):
                 summary = st.run(self, tmp)
                 wall = t.elapsed
                 peak = utils.peak_rss_mb()
                 # the manifest (sizes, SHA-256) goes into stage.json, the completion marker written last
                 meta = {"stage": name, "key": self.stage_key(name), "summary": summary, "wall_s": wall,
                         "peak_rss_mb": peak, "cuda_peak_mb": utils.cuda_peak_mb(), "device": self.device,
-                        "dtype": self.cfg.dtype, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                        "dtype": self.cfg.dtype, "threads": threads, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                         "manifest": utils.manifest(tmp)}
                 utils.atomic_write_json(tmp / "stage.json", meta)
             if damaged is not None and _artefacts(damaged) != _artefacts(meta["manifest"]):
                 self._supersede_downstream(name)
             res = StageResult(name, self.stage_hash(name), final, False, wall, peak, summary,
                               digest=artefact_digest(meta["manifest"]))
+            self.stage_threads_used[name] = threads
             self.checkpoint_path(name).unlink(missing_ok=True)
         return res
 
@@ -293,6 +304,11 @@ class Harness:
             res = StageResult(name, self.stage_hash(name), final, bool(cached), t.elapsed, None, meta["summary"])
         return res
 
+    def _stops_run(self, name: str) -> bool:
+        """A foundation stage: its failure stops the suite (an arm's, an evaluation's or an optional stage's is
+        recorded and the suite goes on without what needs it)."""
+        return not (name.startswith(("arm/", "eval/")) or self.stages[name].optional)
+
     @staticmethod
     def _clean_stale_tmp(final: Path) -> None:
         """Temp folders of a killed run (we hold the stage's lock, so none of them is live)."""
@@ -304,16 +320,22 @@ class Harness:
 
     def _eta(self, remaining: list[str]) -> str:
         """'about M min left' from the measured wall time of the stages already run here, by kind of stage."""
+        left = self.eta_s(remaining)
+        if left is None:
+            return "time left unknown until a stage has run"
+        return f"about {left / 60:.1f} min left (measured speed of this run's stages)"
+
+    def eta_s(self, remaining: list[str]) -> float | None:
+        """Seconds the ``remaining`` stages take one after another at the speed measured so far (None: nothing ran)."""
         ran = [(n, r.wall_s) for n, r in self.results.items() if not r.cached]
         if not ran:
-            return "time left unknown until a stage has run"
+            return None
         mean = sum(w for _, w in ran) / len(ran)
         by_kind: dict[str, list[float]] = {}
         for n, w in ran:
             by_kind.setdefault(_kind(n), []).append(w)
-        left = sum(sum(by_kind[_kind(n)]) / len(by_kind[_kind(n)]) if _kind(n) in by_kind else mean
+        return sum(sum(by_kind[_kind(n)]) / len(by_kind[_kind(n)]) if _kind(n) in by_kind else mean
                    for n in remaining if n not in self.results)
-        return f"about {left / 60:.1f} min left (measured speed of this run's stages)"
 
     def run(self, targets: list[str], run_dir: Path | None = None) -> dict[str, StageResult]:
         run_dir = run_dir or (self.root / self.cfg.runs_dir / self.cfg.name)
@@ -325,11 +347,17 @@ class Harness:
             head = f"# {c.line()}\n" if c.requested != c.resolved else ""  # the request; `dtype` below is what ran
             utils.atomic_write_text(run_dir / "resolved_config.yaml", head + to_yaml(self.cfg))
         t = utils.Timer()
+        if self.plan.executor != "serial":
+            from benchmarks.executor import run_concurrently
+
+            self.log(self.plan.line())
+            run_concurrently(self, targets, self.plan, foundation_fails_run=self._stops_run)
+            targets = []  # every stage is done (or recorded as failed)
         show_eta = self.dist.is_main and progress.is_terminal()  # piped: one line per stage, nothing more
         for k, name in enumerate(targets, 1):
             if show_eta and k > 1:
                 self.log(f"  stage {k} of {len(targets)}, elapsed {_mmss(t.elapsed)}, {self._eta(targets[k - 1:])}")
-            if not (name.startswith(("arm/", "eval/")) or self.stages[name].optional):
+            if self._stops_run(name):
                 self.run_stage(name)  # the shared foundation: a failure here stops the suite
                 continue
             try:  # an arm that fails is recorded and the suite goes on with the others
@@ -341,6 +369,7 @@ class Harness:
                     self.failed[name] = f"{type(e).__name__}: {e}"
                 self.log(f"[{name}] FAILED: {type(e).__name__}: {e} (the suite goes on)")
         index = {n: {"hash": r.hash, "digest": r.digest, "path": str(r.path), "cached": r.cached, "wall_s": r.wall_s,
+                     "threads": self.stage_threads_used.get(n), "pid": self.stage_pids.get(n),
                      "peak_rss_mb": r.peak_rss_mb, "first_run": r.first_run, "summary": r.summary}
                  for n, r in self.results.items()}
         if not self.dist.is_main:
@@ -349,6 +378,7 @@ class Harness:
                                                            "config": to_dict(self.cfg),
                                                            "provenance": provenance(self.device, self.cfg.dtype,
                                                                                     self.dtype_choice),
+                                                           "executor": self.plan.record(),
                                                            "wall_s": t.elapsed, "stages": index,
                                                            "failed": self.failed})
         return self.results

@@ -22,6 +22,9 @@ class Interrupted(BaseException):
         super().__init__(message or signal.Signals(signum).name)
         self.signum = signum
 
+    def __reduce__(self):  # crosses a process boundary (a stage run by a worker process) intact
+        return (type(self), (self.signum, str(self)))
+
 
 def _handler(signum, frame):  # noqa: ARG001 - the signal module's signature
     first = _state["signal"] is None

@@ -12,6 +12,14 @@ from collections.abc import Iterator
 from tqdm.auto import tqdm
 
 
+_enabled = {"bars": True}
+
+
+def set_enabled(on: bool) -> None:
+    """Bars on or off in this process (off in a worker process: the main process prints one line per stage)."""
+    _enabled["bars"] = on
+
+
 def is_terminal() -> bool:
     return sys.stdout.isatty()
 
@@ -22,7 +30,8 @@ class Bar:
     def __init__(self, total: int | None, desc: str, unit: str = "step"):
         # a pseudo-terminal may report a 0 x 0 size (tqdm then hides the bar): the COLUMNS/LINES or 100 x 20 there
         size = shutil.get_terminal_size((100, 20))
-        self._bar = tqdm(total=total, desc=desc, unit=unit, leave=False, mininterval=1.0, disable=None,
+        self._bar = tqdm(total=total, desc=desc, unit=unit, leave=False, mininterval=1.0,
+                         disable=None if _enabled["bars"] else True,
                          ncols=size.columns, nrows=size.lines)
 
     def to(self, n: int, **metrics: float) -> None:

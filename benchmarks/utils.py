@@ -133,6 +133,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@contextlib.contextmanager
+def num_threads(n: int):
+    """torch's intra-op threads set to ``n`` for the block (restored after)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 def resolve_device(name: str = "auto") -> str:
     import torch
 
