@@ -72,9 +72,11 @@ perf-dpo: $(STAMP)
 
 # Every training/sampling phase (DPO step and reference, PPO generation / forwards / update, RM step, evaluation
 # sampling) against its floor (a bare forward+backward or model.generate on the same tokens), then the DPO-vs-TRL
-# benchmark. ARGS go to the phases benchmark (e.g. ARGS="--phases dpo,eval --repeats 1"), DPO_ARGS to dpo_vs_trl.
+# benchmark, at fp32 and bf16 autocast and at 1 and 2 threads (PERF_GRID; PERF_GRID= for one cell). ARGS go to
+# the phases benchmark (e.g. ARGS="--phases dpo,eval --repeats 1"), DPO_ARGS to dpo_vs_trl.
 # Ratios are measured interleaved; a busy machine still makes them noisy.
 DPO_ARGS ?=
+PERF_GRID ?= --dtypes float32,bfloat16 --thread-counts 1,2
 perf: $(STAMP)
-	$(PY) -m benchmarks.perf.phases --out results/perf/phases.json $(ARGS)
+	$(PY) -m benchmarks.perf.phases --out results/perf/phases.json $(PERF_GRID) $(ARGS)
 	$(PY) -m benchmarks.perf.dpo_vs_trl --out results/perf/dpo_vs_trl.json $(DPO_ARGS)

@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
 
             check_inputs(cfg)
         stages, default_targets = _stage_registry(cfg)
-        h = Harness(cfg, stages, run_missing=args.cmd != "results")
+        h = Harness(cfg, stages, run_missing=args.cmd != "results", rebuildable=True)
         if args.cmd == "stages":
             for name in stages:
                 print(f"{name:>8}  {h.stage_dir(name)}")

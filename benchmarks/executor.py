@@ -90,7 +90,7 @@ WORKER_GIB = 2.0
 than the available memory holds."""
 
 
-def plan_workers(cfg, device: str, *, distributed: bool = False) -> WorkerPlan:
+def plan_workers(cfg, device: str, *, distributed: bool = False, parallel_ok: bool = True) -> WorkerPlan:
     """The run's executor, workers and per-stage threads from ``cfg.executor`` / ``cfg.workers`` /
     ``cfg.threads`` / ``cfg.stage_threads``.
 
@@ -99,8 +99,10 @@ def plan_workers(cfg, device: str, *, distributed: bool = False) -> WorkerPlan:
     1.55x and a sampling forward nothing, while two 1-thread processes side by side give 1.2x the training throughput
     of one 2-thread process and ~2x the sampling throughput; so on small models more workers beat more threads.
     One worker on a GPU (one device), under ``accelerate launch`` (the ranks run every stage in step) and when the
-    suite has a single CPU core."""
+    suite has a single CPU core. ``parallel_ok`` False (stages a worker could not rebuild from the config): serial."""
     n = cfg.threads or cores()
+    if not parallel_ok:
+        return WorkerPlan("serial", 1, n, cfg.stage_threads or n, "stages built in this process only")
     if cfg.executor == "ray":
         w = cfg.workers if isinstance(cfg.workers, int) else max(1, n)
         st = cfg.stage_threads or max(1, n // w)
@@ -130,10 +132,9 @@ def run_in_worker(cfg, name: str, threads: int, root: str) -> dict:
     import benchmarks.arms  # noqa: F401 - registers the arm families
     from benchmarks import interrupts
     from benchmarks.arms import build_stages
-    from benchmarks.harness import Harness
-
     from benchmarks.arms.registry import REGISTRY
     from benchmarks.config import ConfigError
+    from benchmarks.harness import Harness
 
     progress.set_enabled(False)  # one line per stage from the main process, no interleaved bars
     interrupts.install()
@@ -180,13 +181,16 @@ class LocalBackend:
     def result(handle) -> dict:
         return handle.result()
 
-    def shutdown(self, cancel: bool = False) -> None:
+    def shutdown(self, cancel: bool = False, running=()) -> None:  # noqa: ARG002 - the pool knows its own tasks
         self.pool.shutdown(wait=True, cancel_futures=cancel)
 
 
 class RayBackend:
-    """Each stage a Ray task with its CPUs (and a GPU where the run uses CUDA), on ``ray.init(address=cfg.ray_address)``
-    (a local cluster when none). The cache must be on a path every node sees (``cache_dir``)."""
+    """Each stage a Ray task on ``ray.init(address=cfg.ray_address)`` (a local instance when None), asking for its
+    threads as CPUs (capped at the largest node's, so a foundation stage still schedules on small nodes; it runs
+    at its planned thread count either way) and a GPU where the run uses CUDA. A fresh worker process per stage
+    (``max_calls=1``), as locally. The cache (``cache_dir``) must be on a path every node sees: each task reads its
+    inputs from and commits its folder to it, under the same file lock as a local run."""
 
     def __init__(self, cfg, device: str):
         try:
@@ -198,15 +202,16 @@ class RayBackend:
                               "executor: local") from e
         self.ray = ray
         if not ray.is_initialized():
-            root = str(Path(__file__).resolve().parent.parent)
+            root = str(Path(__file__).resolve().parent.parent)  # importable on every node of a shared checkout
             env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}}
-            ray.init(address=cfg.ray_address, runtime_env=env, log_to_driver=False,
-                     include_dashboard=False, configure_logging=False)
+            local = {} if cfg.ray_address else {"include_dashboard": False}
+            ray.init(address=cfg.ray_address, runtime_env=env, log_to_driver=False, **local)
+        self.max_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1) or 1
         self.gpus = 1 if device.startswith("cuda") else 0
-        self.task = ray.remote(max_retries=0)(run_in_worker)
+        self.task = ray.remote(max_retries=0, max_calls=1)(run_in_worker)
 
     def submit(self, cfg, name: str, threads: int, root: str):
-        return self.task.options(num_cpus=threads, num_gpus=self.gpus).remote(cfg, name, threads, root)
+        return self.task.options(num_cpus=min(threads, self.max_cpus), num_gpus=self.gpus).remote(cfg, name, threads, root)
 
     def wait(self, handles: list, timeout: float = 1.0) -> list:
         done, _ = self.ray.wait(handles, num_returns=1, timeout=timeout)
@@ -218,8 +223,9 @@ class RayBackend:
         except self.ray.exceptions.RayTaskError as e:  # the stage's own exception, not Ray's wrapper
             raise e.as_instanceof_cause() from None
 
-    def shutdown(self, cancel: bool = False) -> None:
-        pass  # the cluster outlives the run; a local one ends with this process
+    def shutdown(self, cancel: bool = False, running=()) -> None:
+        for h in running if cancel else ():  # the cluster outlives the run; only this run's tasks are stopped
+            self.ray.cancel(h)
 
 
 # ------------------------------------------------------------------------------------------------ the scheduler
@@ -247,6 +253,9 @@ def run_concurrently(h, targets: list[str], plan: WorkerPlan, *, foundation_fail
     running: dict[Any, str] = {}
     pending = [n for n in order if n not in h.results]
     total, t0, fatal = len(pending), utils.Timer(), None
+    # on a terminal a summary bar (stages finished of the run's) under the one line per finished stage
+    bar = progress.Bar(total, f"{h.cfg.name}: stages", unit="stage") if progress.is_terminal() else None
+    log = progress.write if bar is not None and h.log is print else h.log
 
     def record(n: str, info: dict) -> None:
         res = StageResult(n, info["hash"], Path(info["path"]), info["cached"], info["wall_s"], info["peak_rss_mb"],
@@ -256,7 +265,9 @@ def run_concurrently(h, targets: list[str], plan: WorkerPlan, *, foundation_fail
         h.stage_pids[n] = info["pid"]
         finished = total - len(pending) - len(running)
         where = f"{finished}/{total}, running {len(running)}" if running else f"{finished}/{total}"
-        h.log(f"{res.line()}  [{where}, elapsed {_mmss(t0.elapsed)}{_eta(h, pending, plan)}]")
+        log(f"{res.line()}  [{where}, elapsed {_mmss(t0.elapsed)}{_eta(h, pending, plan)}]")
+        if bar is not None:
+            bar.to(finished, running=len(running))
 
     try:
         while pending or running:
@@ -310,8 +321,11 @@ def run_concurrently(h, targets: list[str], plan: WorkerPlan, *, foundation_fail
             if fatal is not None and not running:
                 break
     except BaseException:
-        backend.shutdown(cancel=True)
+        backend.shutdown(cancel=True, running=list(running))
         raise
+    finally:
+        if bar is not None:
+            bar.close()
     backend.shutdown()
     if fatal is not None:
         raise fatal

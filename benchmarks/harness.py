@@ -90,10 +90,13 @@ class StageResult:
 
 class Harness:
     def __init__(self, cfg: SuiteConfig, stages: dict[str, Stage], *, root: Path | None = None, log=print,
-                 run_missing: bool = True):
+                 run_missing: bool = True, rebuildable: bool = False):
         self.cfg = cfg
         self.run_missing = run_missing
         """False: only read finished stages (``prefbench results``); a stage that has not run is an error."""
+        self.rebuildable = rebuildable
+        """The stages are ``benchmarks.arms.build_stages(cfg)``'s, so a worker process can rebuild them from the config
+        (what the parallel executor needs; stages made in this process only, e.g. by a test, run serially)."""
         self.stages = stages
         self.root = Path(root) if root else Path.cwd()
         self.cache_dir = self.root / cfg.cache_dir
@@ -104,6 +107,10 @@ class Harness:
         self.device = utils.resolve_device(cfg.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)  # before the dtype probe: it measures with the run's threads
+        from benchmarks.executor import plan_workers
+
+        self.plan = plan_workers(cfg, self.device, distributed=self.dist.distributed, parallel_ok=rebuildable)
+        """Executor, workers and per-stage threads (``benchmarks.executor``)."""
         self.dtype_choice = self._resolve_dtype()
         """The run's autocast dtype (``cfg.dtype`` holds ``dtype_choice.resolved`` from here on)."""
         quiet_libraries()
@@ -111,10 +118,6 @@ class Harness:
         self.failed: dict[str, str] = {}
         self._damaged_manifests: dict[str, dict] = {}  # stages found damaged and moved aside in this process
         self._hashes: dict[str, str] = {}
-        from benchmarks.executor import plan_workers
-
-        self.plan = plan_workers(cfg, self.device, distributed=self.dist.distributed)
-        """Executor, workers and per-stage threads (``benchmarks.executor``)."""
         self.thread_plan = self.plan
         """Per-stage thread counts of the stages this process runs (None: run at the current count, a worker)."""
         self.stage_threads_used: dict[str, int] = {}
@@ -133,7 +136,12 @@ class Harness:
         if prev is not None and prev.resolved == cfg.dtype and prev.device == self.device:
             choice = prev
         else:
-            choice = resolve_dtype(cfg.dtype, self.device) if self.dist.is_main else None
+            b, v = cfg.base, cfg.tokenizer
+            shape = {"n_layers": b.n_layers, "hidden_size": b.hidden_size, "n_heads": b.n_heads,
+                     "intermediate_size": b.intermediate_size, "vocab_size": v.vocab_size,
+                     "max_position_embeddings": b.max_position_embeddings} if b.model == "tiny" else None
+            choice = resolve_dtype(cfg.dtype, self.device, model_shape=shape,
+                                   threads=self.plan.stage_threads) if self.dist.is_main else None
             choice = self.dist.broadcast_object(choice)
             if choice.requested == "auto":
                 self.log(choice.line())
@@ -347,7 +355,7 @@ class Harness:
             head = f"# {c.line()}\n" if c.requested != c.resolved else ""  # the request; `dtype` below is what ran
             utils.atomic_write_text(run_dir / "resolved_config.yaml", head + to_yaml(self.cfg))
         t = utils.Timer()
-        if self.plan.executor != "serial":
+        if self.plan.executor != "serial" and self.run_missing:  # `prefbench results` only reads: here
             from benchmarks.executor import run_concurrently
 
             self.log(self.plan.line())

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 
 from tqdm.auto import tqdm
 
-
 _enabled = {"bars": True}
 
 
@@ -63,3 +62,8 @@ def bar(total: int | None, desc: str, unit: str = "step") -> Iterator[Bar]:
         yield b
     finally:
         b.close()
+
+
+def write(line: str) -> None:
+    """A log line above any bars (tqdm.write), so a suite's summary bar stays at the bottom."""
+    tqdm.write(line)

@@ -14,19 +14,44 @@ from benchmarks.machine import BF16_MIN_SPEEDUP, resolve_dtype
 
 SLOW_BF16 = {"float32": 71.6, "bfloat16": 2.5, "n": 256, "threads": 1}  # the AVX2 CPU kind (no native bf16)
 FAST_BF16 = {"float32": 70.0, "bfloat16": 210.0, "n": 256, "threads": 1}
+FAST_STEP = {"float32_s": 0.30, "bfloat16_s": 0.15, "batch": [32, 40], "threads": 1}
+# the bf16 CPU kind on the default model (quiet, 2 threads): a 64 x 40 step 330 ms fp32, 298 ms bf16
+DEFAULT_MODEL_STEP = {"float32_s": 0.330, "bfloat16_s": 0.298, "batch": [64, 40], "threads": 2}
 
 
 @pytest.fixture
 def probe(monkeypatch):
     """Injects the CPU probe's numbers (the real one measures this machine) and counts its calls."""
-    state = {"numbers": SLOW_BF16, "calls": 0}
+    state = {"numbers": SLOW_BF16, "calls": 0, "step": FAST_STEP}
 
     def fake():
         state["calls"] += 1
         return dict(state["numbers"])
 
     monkeypatch.setattr(machine, "dtype_probe", fake)
+    monkeypatch.setattr(machine, "step_probe", lambda shape, **kw: dict(state["step"], threads=kw.get("threads", 1)))
     return state
+
+
+SHAPE = {"n_layers": 2, "hidden_size": 32, "n_heads": 2, "intermediate_size": 64, "vocab_size": 128,
+         "max_position_embeddings": 64}
+
+
+def test_a_fast_bf16_matmul_must_also_speed_up_the_suites_own_step():
+    """The bf16 kind's matmul probe says 3x, its default-model step 1.1x: auto keeps float32 there."""
+    c = resolve_dtype("auto", "cpu", probe=FAST_BF16, model_shape=SHAPE, step=DEFAULT_MODEL_STEP)
+    assert c.resolved == "float32" and "only 1.11x" in c.reason and "298 ms bf16 vs 330 ms fp32" in c.reason
+    assert c.probe["step_bf16_speedup"] == 1.11 and c.probe["bf16_speedup"] == 3.0
+    c = resolve_dtype("auto", "cpu", probe=FAST_BF16, model_shape=SHAPE, step=FAST_STEP)
+    assert c.resolved == "bfloat16" and "2.00x faster" in c.reason
+    # a slow bf16 matmul never runs the (then very slow) step probe: float32 straight away
+    c = resolve_dtype("auto", "cpu", probe=SLOW_BF16, model_shape=SHAPE, step={"float32_s": 1.0, "bfloat16_s": 0.1})
+    assert c.resolved == "float32" and "step" not in c.probe
+
+
+def test_step_probe_times_both_dtypes_on_the_given_shape():
+    st = machine.step_probe(SHAPE, batch=2, seq_len=8, trials=1)
+    assert st["float32_s"] > 0 and st["bfloat16_s"] > 0 and st["batch"] == [2, 8] and st["threads"] == 1
 
 
 def _plan_hashes(suite: str, overrides: list[str], tmp_path, log=lambda *_: None) -> dict[str, str]:

@@ -70,10 +70,23 @@ def _run(tmp_path, name, *extra):
 TIMING = ("train_s", "tokens_per_s", "eval_generation_s", "train_peak_rss_mb")
 
 
+def _same_tables(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    """Every column that is not a time or a memory figure, exactly."""
+    cols = [c for c in a.columns if not (c.startswith("time/") or c.endswith(TIMING))]
+    assert len(cols) > 20 and {"gold", "kl", "win_vs_sft", "length"} <= set(cols)
+    pd.testing.assert_frame_equal(a[cols], b[cols])
+
+
+@pytest.fixture(scope="module")
+def parallel_run(tmp_path_factory):
+    if not corpus.FORTUNES_DIR.is_dir():
+        pytest.skip("Debian package fortunes not installed")
+    return _run(tmp_path_factory.mktemp("executor"), "par", "workers=2", "threads=2")
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not corpus.FORTUNES_DIR.is_dir(), reason="Debian package fortunes not installed")
-def test_parallel_run_equals_serial_run_bit_for_bit(tmp_path):
-    par_out, par, par_sum = _run(tmp_path, "par", "workers=2", "threads=2")
+def test_parallel_run_equals_serial_run_bit_for_bit(tmp_path, parallel_run):
+    par_out, par, par_sum = parallel_run
     ser_out, ser, ser_sum = _run(tmp_path, "ser", "workers=1", "threads=2", "stage_threads=1")
     assert par["executor"]["executor"] == "local" and par["executor"]["workers"] == 2
     assert ser["executor"]["executor"] == "serial"
@@ -83,8 +96,7 @@ def test_parallel_run_equals_serial_run_bit_for_bit(tmp_path):
     # ... and wrote the same bytes (artefact checksums: models, samples, tables; not logs or timings)
     assert {n: r["digest"] for n, r in par["stages"].items()} == {n: r["digest"] for n, r in ser["stages"].items()}
     # the tables agree in every column that is not a time or a memory figure
-    cols = [c for c in par_sum.columns if not (c.startswith("time/") or c.endswith(TIMING))]
-    pd.testing.assert_frame_equal(par_sum[cols], ser_sum[cols])
+    _same_tables(par_sum, ser_sum)
     # stages ran side by side in separate processes (arms, evaluations), one line per finished stage
     assert "executor: local, 2 workers x 1 thread(s)" in par_out.stdout
     assert par_out.stdout.count("] done in") == len([r for r in par["stages"].values() if not r["cached"]])
@@ -92,3 +104,22 @@ def test_parallel_run_equals_serial_run_bit_for_bit(tmp_path):
     # a fresh process per stage, so no arm inherits an earlier arm's memory (a serial run's process grows)
     pids = [r["pid"] for n, r in par["stages"].items() if not r["cached"]]
     assert None not in pids and len(set(pids)) == len(pids) and all(r["pid"] is None for r in ser["stages"].values())
+
+
+@pytest.mark.slow
+def test_ray_executor_on_a_local_two_node_cluster_equals_the_local_executor(tmp_path, parallel_run):
+    pytest.importorskip("ray", reason="the optional Ray extra (pip install '.[ray]'; CI installs it)")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)  # two nodes of one CPU: stages spread over both
+    try:
+        out, idx, summary = _run(tmp_path, "ray", "executor=ray", f"ray_address={cluster.address}", "workers=2",
+                                 "threads=2")
+    finally:
+        cluster.shutdown()
+    _, par, par_sum = parallel_run
+    assert idx["executor"]["executor"] == "ray" and "executor: ray, 2 workers" in out.stdout
+    assert {n: r["digest"] for n, r in idx["stages"].items()} == {n: r["digest"] for n, r in par["stages"].items()}
+    assert {n: r["threads"] for n, r in idx["stages"].items()} == {n: r["threads"] for n, r in par["stages"].items()}
+    _same_tables(summary, par_sum)

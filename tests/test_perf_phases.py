@@ -195,3 +195,26 @@ def test_ppo_token_logps_bitwise_equal_to_shared_path():
         grads.append((lp.detach(), mask, x.grad))
     for a, b in zip(*grads, strict=True):
         assert torch.equal(a, b)
+
+
+def test_grid_over_dtypes_and_thread_counts(tmp_path, capsys):
+    """``make perf``'s grid: the whole benchmark at each (dtype, threads); each cell's ratio is its own ours / floor
+    and the jobs really ran at that dtype and thread count."""
+    out = tmp_path / "grid.json"
+    threads = torch.get_num_threads()
+    try:
+        assert phases.main([*TINY, "--in-process", "--phases", "dpo,eval", "--dtypes", "float32,bfloat16",
+                            "--thread-counts", "1,2", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    res = json.loads(out.read_text())
+    assert [(g["dtype"], g["threads"]) for g in res["grid"]] == [("float32", 1), ("float32", 2), ("bfloat16", 1),
+                                                                 ("bfloat16", 2)]
+    for g in res["grid"]:
+        for ph, p in g["phases"].items():
+            assert p["ratio"] == pytest.approx(p["ours"]["s_median"] / p["floor"]["s_median"])
+    assert res["phases"] == res["grid"][0]["phases"]  # the top level is the first cell, as a single run writes it
+    text = capsys.readouterr().out
+    assert "bflo/2t ours s (ratio, tok/s)" in text and "bfloat16/2t vs float32/1t" in text
+    with pytest.raises(SystemExit):
+        phases.parse_args([*TINY, "--dtypes", "float16"])

@@ -533,10 +533,17 @@ def run_job(job: str, cfg: dict) -> dict:
     _setup(cfg)
     import torch
 
+    import contextlib
+
     load = os.getloadavg()[0]
     t = time.perf_counter()
-    out = JOBS[job](cfg)
-    out.update(job=job, pid=os.getpid(), threads=torch.get_num_threads(), total_s=time.perf_counter() - t,
+    # bfloat16: the whole job under CPU bf16 autocast with fp32 weights, as `dtype: bfloat16` runs the stages (the
+    # trainers' own autocast argument is left unset, so this context is the one that applies)
+    ac = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.get("dtype") == "bfloat16" else contextlib.nullcontext()
+    with ac:
+        out = JOBS[job](cfg)
+    out.update(job=job, pid=os.getpid(), threads=torch.get_num_threads(), dtype=cfg.get("dtype", "float32"),
+               total_s=time.perf_counter() - t,
                load_avg_start=load, load_avg_end=os.getloadavg()[0])
     return out
 
@@ -566,7 +573,8 @@ def build_config(args: argparse.Namespace) -> dict:
     dpo = asdict(c.dpo.arm_config(c.dpo.loss_type, c.dpo.betas[0], c.seed))
     cfg = {
         "suite": args.suite, "seed": c.seed, "threads": args.threads, "warmup": args.warmup, "iters": args.iters,
-        "repeats": args.repeats, "phases": list(args.phases), "dtype": "float32", "in_process": args.in_process,
+        "repeats": args.repeats, "phases": list(args.phases), "dtype": getattr(args, "dtype", "float32"),
+        "in_process": args.in_process,
         "model": {"n_layers": c.base.n_layers, "hidden_size": c.base.hidden_size, "n_heads": c.base.n_heads,
                   "intermediate_size": c.base.intermediate_size, "vocab_size": c.tokenizer.vocab_size,
                   "max_position_embeddings": c.base.max_position_embeddings},
@@ -633,7 +641,8 @@ def format_table(res: dict) -> str:
     c, m, p = res["config"], res["machine"], res["provenance"]
     mm = c["model"]
     out.append("")
-    out.append(f"suite {c['suite']}: {mm['n_layers']} layers x {mm['hidden_size']}, vocab {mm['vocab_size']}, fp32; "
+    out.append(f"suite {c['suite']}: {mm['n_layers']} layers x {mm['hidden_size']}, vocab {mm['vocab_size']}, "
+               f"{'bf16 autocast' if c.get('dtype') == 'bfloat16' else 'fp32'}; "
                f"{c['iters']} timed iterations after {c['warmup']} warm-up, {c['repeats']} interleaved repeats "
                f"({'in one process' if c['in_process'] else 'fresh process per job'}), threads {c['threads']}")
     out.append(f"machine kind {m.get('kind')}: {m.get('cpu_model')}; fp32 matmul probe "
@@ -680,6 +689,45 @@ def run(args: argparse.Namespace) -> dict:
     return summarise(cfg, runs, dict(machine_info("cpu")), provenance)
 
 
+def run_grid(args: argparse.Namespace) -> dict:
+    """``run`` at every (dtype, threads) of ``--dtypes`` x ``--thread-counts``: the first combination's result is
+    the top level of the JSON (as a single run writes it), every combination's is in ``grid``."""
+    results = []
+    for dtype in args.dtypes:
+        for threads in args.thread_counts:
+            print(f"== dtype {dtype}, {threads} thread(s)", flush=True)
+            a = argparse.Namespace(**{**vars(args), "threads": threads, "dtype": dtype})
+            results.append(run(a))
+    out = dict(results[0])
+    out["grid"] = [{"dtype": r["config"]["dtype"], "threads": r["config"]["threads"], "phases": r["phases"],
+                    "all_pass": r["all_pass"], "load_average": r["provenance"]["load_average"]} for r in results]
+    return out
+
+
+def format_grid(res: dict) -> str:
+    """Phase x (dtype, threads): ours s, its ratio to the floor, and ours' tokens/s."""
+    grid = res["grid"]
+    cols = [f"{g['dtype'][:4]}/{g['threads']}t" for g in grid]
+    head = ["phase", *[f"{c} ours s (ratio, tok/s)" for c in cols]]
+    rows = []
+    for ph in res["phases"]:
+        row = [ph]
+        for g in grid:
+            p = g["phases"][ph]
+            tps = p["ours"]["tokens_per_s"]
+            row.append(f"{p['ours']['s_median']:.4f} ({p['ratio']:.2f}x, {tps:,.0f})" if p["ratio"] else "-")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    fmt = lambda r: " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))  # noqa: E731
+    ref = grid[0]
+    speed = []
+    for g in grid[1:]:
+        parts = [f"{ph} {ref['phases'][ph]['ours']['s_median'] / g['phases'][ph]['ours']['s_median']:.2f}x"
+                 for ph in res["phases"] if g["phases"][ph]["ours"]["s_median"]]
+        speed.append(f"  {g['dtype']}/{g['threads']}t vs {ref['dtype']}/{ref['threads']}t (ours, time ratio): " + ", ".join(parts))
+    return "\n".join([fmt(head), "-+-".join("-" * w for w in widths), *map(fmt, rows), "", *speed])
+
+
 def _phase_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -692,6 +740,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--iters", type=int, default=None, help="timed iterations per job (default 4; --tiny: 1)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed iterations first (default 1)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per worker (default 2; --tiny: 1)")
+    ap.add_argument("--dtypes", type=_phase_list, default=["float32"],
+                    help="comma list of float32,bfloat16: the whole benchmark at each (bf16: CPU autocast, fp32 weights)")
+    ap.add_argument("--thread-counts", type=lambda t: [int(x) for x in _phase_list(t)], default=None,
+                    help="comma list of thread counts, e.g. 1,2: the whole benchmark at each (default: --threads)")
     ap.add_argument("--suite", default="default", help="the suite whose model and hyper-parameters are measured")
     ap.add_argument("--out", default=DEFAULT_OUT, help="JSON output path")
     ap.add_argument("--tiny", action="store_true", help="smoke workload (2 layers x 32, tiny batches): timings meaningless")
@@ -706,6 +758,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.iters = 1 if args.tiny else 4
     if args.threads is None:
         args.threads = 1 if args.tiny else 2
+    if args.thread_counts is None:
+        args.thread_counts = [args.threads]
+    args.dtype = args.dtypes[0]
+    if any(d not in ("float32", "bfloat16") for d in args.dtypes) or not args.dtypes:
+        ap.error(f"--dtypes: float32 and/or bfloat16, got {args.dtypes}")
+    if any(t < 1 for t in args.thread_counts) or not args.thread_counts:
+        ap.error(f"--thread-counts: integers >= 1, got {args.thread_counts}")
     bad = [p for p in args.phases if p not in PHASES]
     if bad:
         ap.error(f"unknown phase(s) {bad}; choose from {', '.join(PHASES)}")
@@ -726,10 +785,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = json.loads((Path(args.workdir) / "config.json").read_text())
         atomic_write_json(args.result, run_job(args.worker, cfg))
         return 0
-    res = run(args)
+    grid = len(args.dtypes) * len(args.thread_counts) > 1
+    if not grid:
+        args.threads = args.thread_counts[0]
+    res = run_grid(args) if grid else run(args)
     atomic_write_json(args.out, res)
     print()
     print(format_table(res))
+    if grid:
+        print("\nevery (dtype, threads), ours s per iteration (ratio to the floor, ours tokens/s):")
+        print(format_grid(res))
     print(f"\nwrote {args.out}")
     return 0
 
