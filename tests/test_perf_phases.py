@@ -211,7 +211,7 @@ def test_grid_over_dtypes_and_thread_counts(tmp_path, capsys):
     assert [(g["dtype"], g["threads"]) for g in res["grid"]] == [("float32", 1), ("float32", 2), ("bfloat16", 1),
                                                                  ("bfloat16", 2)]
     for g in res["grid"]:
-        for ph, p in g["phases"].items():
+        for p in g["phases"].values():
             assert p["ratio"] == pytest.approx(p["ours"]["s_median"] / p["floor"]["s_median"])
     assert res["phases"] == res["grid"][0]["phases"]  # the top level is the first cell, as a single run writes it
     text = capsys.readouterr().out

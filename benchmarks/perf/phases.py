@@ -531,9 +531,9 @@ def run_job(job: str, cfg: dict) -> dict:
     if job not in JOBS:
         raise SystemExit(f"unknown job {job!r}; choose from {', '.join(JOBS)}")
     _setup(cfg)
-    import torch
-
     import contextlib
+
+    import torch
 
     load = os.getloadavg()[0]
     t = time.perf_counter()
