@@ -137,6 +137,7 @@ def run_in_worker(cfg, name: str, threads: int, root: str) -> dict:
     from benchmarks.harness import Harness
 
     progress.set_enabled(False)  # one line per stage from the main process, no interleaved bars
+    _log_to_file(Path(root) / cfg.runs_dir / cfg.name / "logs" / f"{name.replace('/', '__')}.log")
     interrupts.install()
     for m in cfg.plugins:  # plug-in families register on import, as in the main process
         importlib.import_module(m)
@@ -149,10 +150,29 @@ def run_in_worker(cfg, name: str, threads: int, root: str) -> dict:
     h = Harness(cfg, stages, root=Path(root), log=lambda *a, **k: None)
     torch.set_num_threads(threads)
     h.thread_plan = None  # this process runs exactly one stage at the given count
-    r = h.run_stage(name)
+    try:
+        r = h.run_stage(name)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()  # into the stage's log; the exception itself goes back to the main process
+        raise
     return {"name": r.name, "hash": r.hash, "path": str(r.path), "cached": r.cached, "wall_s": r.wall_s,
             "peak_rss_mb": r.peak_rss_mb, "summary": r.summary, "first_run": r.first_run, "digest": r.digest,
             "threads": threads, "pid": os.getpid()}
+
+
+def _log_to_file(path: Path) -> None:
+    """This worker's stdout and stderr (file descriptors 1 and 2: libraries' prints and C-level output too) go to
+    ``path`` (the run folder's ``logs/<stage>.log``), so the main process's one line per stage stays readable."""
+    import sys
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a", buffering=1)  # noqa: SIM115 - lives as long as this one-stage process
+    sys.stdout.flush(), sys.stderr.flush()
+    os.dup2(f.fileno(), 1)
+    os.dup2(f.fileno(), 2)
+    sys.stdout = sys.stderr = f
 
 
 # ------------------------------------------------------------------------------------------------ backends
@@ -339,7 +359,9 @@ def _failed(h, n: str, e: BaseException, foundation_fails_run) -> BaseException 
         h.failed[n] = f"{type(e).__name__}: {e}"
     if foundation_fails_run(n) or isinstance(e, DiskFullError):
         return e
-    h.log(f"[{n}] FAILED: {type(e).__name__}: {e} (the suite goes on)")
+    where = h.root / h.cfg.runs_dir / h.cfg.name / "logs" / f"{n.replace('/', '__')}.log"
+    log = f"; its log: {where}" if where.exists() else ""
+    h.log(f"[{n}] FAILED: {type(e).__name__}: {e} (the suite goes on{log})")
     return None
 
 

@@ -442,7 +442,7 @@ def compare_runs(a: dict, b: dict) -> tuple[str | None, list[tuple[str, str]]]:
     return first, rows
 
 
-RUN_TABLES = ("summary.json", "summary.csv", "by_config.csv", "samples.parquet", "stages.json", "report.html",
+RUN_TABLES = ("summary.json", "summary.csv", "by_config.csv", "samples.parquet", "stages.json", "report.html", "logs",
               "figures", "curves")
 
 

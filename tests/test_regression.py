@@ -147,9 +147,14 @@ def test_gate_on_the_avx2_kinds_smoke_table():
     of the AVX-512 kind) passes against the committed baselines, as its own kind's run and as a run of a kind with no
     baseline; with the DPO arm degraded to pi_ref (what lr ~ 0 does) it fails on DPO only."""
     table = json.loads((ROOT / "tests" / "data" / "smoke-avx2-dc441c3.json").read_text())
-    run = {"suite": "smoke", "provenance": table["provenance"], "arms": table["arms_T1"]}
+    # its PPO / PPO-GT arms ran the code before PPO's N+ changes (KL ~7 where today's PPO reaches ~13): that is a
+    # change of code, not of machine, and the gate rightly flags it, so the table's other arms are what is checked
+    arms = [a for a in table["arms_T1"] if not a["arm"].startswith(("ppo-", "ppogt-"))]
+    run = {"suite": "smoke", "provenance": table["provenance"], "arms": arms}
     bases = load_baselines(ROOT / "results" / "baseline", "smoke")
-    assert {"cpu-avx2", "cpu-avx512-bf16"} <= set(bases)
+    assert {"cpu-avx2", "cpu-avx512", "cpu-avx512-bf16"} <= set(bases)
+    bases = {k: {**b, "arms": {c: a for c, a in b["arms"].items() if not c.startswith(("ppo-", "ppogt-"))}}
+             for k, b in bases.items()}
     for kind in ("cpu-avx2", "cpu-elsewhere"):  # its own kind, and a kind with no baseline (machine term)
         rows, ok, msg = check(run, bases, kind=kind)
         assert ok, (kind, format_table(rows))
