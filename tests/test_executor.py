@@ -58,7 +58,7 @@ def test_config_fields_are_validated():
 def _run(tmp_path, name, *extra):
     args = [sys.executable, "-m", "benchmarks", "run", "--suite", "smoke",
             "--set", f"cache_dir={tmp_path}/{name}/cache", "--set", f"runs_dir={tmp_path}/{name}/runs"]
-    for o in [*TINY, "rlhf.ppo_gt=false", *extra]:
+    for o in [*TINY, "rlhf.ppo_gt=false", "dpo.trl_peer=false", "rlhf.preferred_ft=false", *extra]:  # CI time
         args += ["--set", o]
     r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900,
                        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
