@@ -253,7 +253,7 @@ def run_concurrently(h, targets: list[str], plan: WorkerPlan, *, foundation_fail
     """Run ``targets`` (and what they need) on ``plan``'s backend, recording into ``h.results`` / ``h.failed`` as
     ``Harness.run``'s serial loop does: a foundation stage's failure stops the run (raised after the running stages
     end), an arm's or an evaluation's is recorded and its dependents are skipped."""
-    from benchmarks.harness import StageResult
+    from benchmarks.harness import StageResult, _mmss
 
     stages = h.stages
     order: list[str] = []
@@ -369,7 +369,3 @@ def _eta(h, pending: list[str], plan: WorkerPlan) -> str:
     """Serial time of the stages left at this run's measured speed, shared by the workers."""
     left = h.eta_s(pending) if pending else None
     return "" if left is None else f", about {left / 60 / plan.workers:.1f} min left"
-
-
-def _mmss(seconds: float) -> str:
-    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
